@@ -1,0 +1,124 @@
+//! Helpers shared by the testbed tests (tests that need the VM's devices).
+//!
+//! Convention: such a test carries `#[ignore = "skipped: no device ..."]`; `cargo xtask test`
+//! runs it inside the testbed VM with `--ignored`, where a missing device fails it.
+
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Panics (fails the test) when not inside the testbed VM: these tests must never pass
+/// vacuously.
+pub fn require_testbed() {
+    assert!(
+        std::env::var_os("PEERPIPE_TESTBED").is_some(),
+        "testbed test run outside the testbed VM: use `cargo xtask test`"
+    );
+}
+
+/// The two "hosts" on the veth wire: (rxe0's address, rxe1's address).
+pub fn addrs() -> (String, String) {
+    (
+        std::env::var("PEERPIPE_ADDR0").unwrap_or_else(|_| "10.77.0.1".into()),
+        std::env::var("PEERPIPE_ADDR1").unwrap_or_else(|_| "10.77.0.2".into()),
+    )
+}
+
+/// Number of emulated NVMe drives the VM was booted with.
+pub fn drive_count() -> usize {
+    std::env::var("PEERPIPE_DRIVES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .expect("PEERPIPE_DRIVES is set by the testbed")
+}
+
+/// An emulated NVMe drive: its block device and passthrough char device.
+#[derive(Debug, Clone)]
+pub struct Drive {
+    pub serial: String,
+    pub block: PathBuf,
+    pub ng: PathBuf,
+    pub lba_size: u64,
+}
+
+/// All drives, found by their serial (`p2p0` has the CMB; `data1`, `data2`, ... are plain).
+pub fn drives() -> Vec<Drive> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/sys/block").expect("/sys/block").flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("nvme") {
+            continue;
+        }
+        let serial = std::fs::read_to_string(e.path().join("device/serial"))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        let lba_size = std::fs::read_to_string(e.path().join("queue/logical_block_size"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(512);
+        out.push(Drive {
+            serial,
+            block: Path::new("/dev").join(&name),
+            ng: Path::new("/dev").join(name.replacen("nvme", "ng", 1)),
+            lba_size,
+        });
+    }
+    out.sort_by(|a, b| a.serial.cmp(&b.serial));
+    out
+}
+
+pub fn drive(serial: &str) -> Drive {
+    drives()
+        .into_iter()
+        .find(|d| d.serial == serial)
+        .unwrap_or_else(|| panic!("no NVMe drive with serial {serial}"))
+}
+
+/// Runs a command to completion within `timeout`, killing it past that.
+pub fn run(cmd: &mut Command, timeout: Duration) -> Output {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    wait(child, timeout, &format!("{cmd:?}"))
+}
+
+/// Waits for a spawned child (stdout/stderr piped) within `timeout`.
+pub fn wait(mut child: Child, timeout: Duration, what: &str) -> Output {
+    let start = Instant::now();
+    loop {
+        if child.try_wait().expect("try_wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "{what} did not finish within {timeout:?}\nstdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Spawns a server-side command with piped output.
+pub fn spawn(cmd: &mut Command) -> Child {
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"))
+}
+
+pub fn text(o: &Output) -> String {
+    format!(
+        "status: {}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}

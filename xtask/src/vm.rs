@@ -1,0 +1,279 @@
+//! The testbed VM: virtme-ng + QEMU (TCG) with emulated NVMe drives behind a PCIe switch,
+//! one of them with a 64 MiB CMB (the p2pmem provider), and two soft-RoCE devices inside.
+
+use crate::{cache_dir, repo_root, venv_bin, Result};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Size of every emulated drive (raw sparse files, made anew per run).
+const DRIVE_BYTES: u64 = 1 << 30;
+/// Exit status the guest wrapper reports when the testbed itself could not be set up.
+const SETUP_FAILED: u8 = 97;
+
+pub struct VmOptions {
+    /// Plain NVMe drives besides the CMB drive (`p2p0`).
+    pub data_drives: usize,
+    pub timeout: Duration,
+    pub memory: String,
+    pub cmd: Vec<String>,
+}
+
+impl VmOptions {
+    pub fn for_command(cmd: Vec<String>) -> Self {
+        VmOptions {
+            data_drives: 3,
+            timeout: Duration::from_secs(45 * 60),
+            memory: "3G".into(),
+            cmd,
+        }
+    }
+
+    /// `[--drives N] [--timeout SECS] [--memory SIZE] -- CMD...`
+    pub fn parse(args: &[String]) -> Result<Self> {
+        let mut opts = VmOptions::for_command(Vec::new());
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let mut value = |name: &str| {
+                it.next()
+                    .cloned()
+                    .ok_or_else(|| format!("vm: {name} needs a value"))
+            };
+            match a.as_str() {
+                "--drives" => {
+                    opts.data_drives = value("--drives")?
+                        .parse()
+                        .map_err(|_| "vm: --drives takes a number (plain drives besides p2p0)")?
+                }
+                "--timeout" => {
+                    let secs: u64 = value("--timeout")?
+                        .parse()
+                        .map_err(|_| "vm: --timeout takes seconds")?;
+                    opts.timeout = Duration::from_secs(secs);
+                }
+                "--memory" => opts.memory = value("--memory")?,
+                "--" => {
+                    opts.cmd = it.cloned().collect();
+                    break;
+                }
+                other => return Err(format!("vm: unknown option {other}; usage: vm [--drives N] [--timeout SECS] [--memory SIZE] -- CMD...")),
+            }
+        }
+        if opts.cmd.is_empty() {
+            return Err("vm: no command; usage: cargo xtask vm -- CMD...".into());
+        }
+        if opts.data_drives == 0 || opts.data_drives > 6 {
+            return Err("vm: --drives must be 1..=6".into());
+        }
+        Ok(opts)
+    }
+}
+
+/// QEMU arguments for the PCIe topology: root port -> switch -> one downstream port per drive.
+fn qemu_devices(images: &[PathBuf]) -> String {
+    let mut o = String::from(
+        "-device pcie-root-port,id=rp0,chassis=1,slot=1 -device x3130-upstream,id=up0,bus=rp0",
+    );
+    for (i, img) in images.iter().enumerate() {
+        let _ = write!(
+            o,
+            " -device xio3130-downstream,id=dn{i},bus=up0,chassis={},slot={i}",
+            i + 2
+        );
+        let _ = write!(
+            o,
+            " -drive file={},if=none,id=d{i},format=raw",
+            img.display()
+        );
+        if i == 0 {
+            let _ = write!(
+                o,
+                " -device nvme,serial=p2p0,drive=d0,bus=dn0,cmb_size_mb=64"
+            );
+        } else {
+            let _ = write!(o, " -device nvme,serial=data{i},drive=d{i},bus=dn{i}");
+        }
+    }
+    o
+}
+
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// What a VM run left behind.
+pub struct VmRun {
+    /// The guest command's exit status.
+    pub status: u8,
+    /// Small files the guest wrote to `$PEERPIPE_OUT` (name -> text).
+    pub outputs: std::collections::HashMap<String, String>,
+}
+
+/// Boots the VM, runs `opts.cmd` as root in the guest (cwd: the checkout, devices ready),
+/// streams its output, and returns its exit status and outputs.
+pub fn run_in_vm(kernel: &Path, opts: &VmOptions) -> Result<VmRun> {
+    let run_id = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0)
+    );
+    // Under the cache dir, not /tmp: the guest sees the host root read-only but gets its
+    // own /tmp.
+    let run_dir = cache_dir().join("runs").join(&run_id);
+    let out_dir = run_dir.join("out");
+    std::fs::create_dir_all(&out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
+    let _cleanup = RemoveOnDrop(run_dir.clone());
+
+    let mut images = Vec::new();
+    for i in 0..=opts.data_drives {
+        let img = run_dir.join(format!("nvme{i}.img"));
+        let f = std::fs::File::create(&img).map_err(|e| format!("{}: {e}", img.display()))?;
+        f.set_len(DRIVE_BYTES)
+            .map_err(|e| format!("{}: {e}", img.display()))?;
+        images.push(img);
+    }
+
+    let repo = repo_root();
+    let cmd_line: Vec<String> = opts.cmd.iter().map(|a| shell_quote(a)).collect();
+    let status_file = out_dir.join("status");
+    let script = format!(
+        r#"#!/bin/bash
+cd {repo}
+export PEERPIPE_TESTBED=1 PEERPIPE_OUT={out} PEERPIPE_DRIVES={drives}
+export PEERPIPE_ADDR0=10.77.0.1 PEERPIPE_ADDR1=10.77.0.2
+export PATH={venv}:$PATH
+if ! bash {repo}/testbed/guest/setup.sh > {out}/setup.log 2>&1; then
+  echo "testbed: guest setup failed:"; cat {out}/setup.log
+  echo {setup_failed} > {status}; exit {setup_failed}
+fi
+{cmd}
+rc=$?
+echo $rc > {status}
+exit $rc
+"#,
+        repo = shell_quote(&repo.display().to_string()),
+        out = shell_quote(&out_dir.display().to_string()),
+        drives = opts.data_drives + 1,
+        venv = shell_quote(&venv_bin().display().to_string()),
+        setup_failed = SETUP_FAILED,
+        status = shell_quote(&status_file.display().to_string()),
+        cmd = cmd_line.join(" "),
+    );
+    let script_path = run_dir.join("guest.sh");
+    std::fs::write(&script_path, script).map_err(|e| format!("guest script: {e}"))?;
+
+    let mut vng = Command::new(venv_bin().join("vng"));
+    vng.env(
+        "PATH",
+        format!(
+            "{}:{}",
+            venv_bin().display(),
+            std::env::var("PATH").unwrap_or_default()
+        ),
+    )
+    .current_dir(&repo)
+    .arg("--run")
+    .arg(kernel)
+    // /dev/kvm here is a PVM hypervisor: a stock guest aborts on it ("failed to set MSR").
+    .args(["--disable-kvm", "--disable-microvm", "--cpus", "2"])
+    .args(["--memory", &opts.memory])
+    // Keep the CMB for data (no SQs in it); one poll queue so IOPOLL can be tested.
+    .args(["--append", "nvme.use_cmb_sqes=0 nvme.poll_queues=1"])
+    .arg(format!("--rwdir={}", out_dir.display()))
+    .arg(format!("--qemu-opts={}", qemu_devices(&images)))
+    .args(["--exec", &format!("bash {}", script_path.display())]);
+
+    let started = Instant::now();
+    let mut child = vng
+        .spawn()
+        .map_err(|e| format!("vng: cannot start (run cargo xtask install-deps): {e}"))?;
+    loop {
+        if let Some(st) = child.try_wait().map_err(|e| format!("vng: {e}"))? {
+            let _ = st;
+            break;
+        }
+        if started.elapsed() > opts.timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "vm: timed out after {} s; the guest was killed",
+                opts.timeout.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "xtask: vm finished in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    // The guest's own exit status, not vng's: a kernel panic or a failed boot leaves none.
+    let status = std::fs::read_to_string(&status_file).map_err(|_| {
+        "vm: the guest left no exit status (boot failure or kernel panic; see the output above)"
+            .to_string()
+    })?;
+    let status = status
+        .trim()
+        .parse::<u8>()
+        .map_err(|_| format!("vm: bad guest status {status:?}"))?;
+    let mut outputs = std::collections::HashMap::new();
+    for entry in std::fs::read_dir(&out_dir).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Ok(text) = std::fs::read_to_string(entry.path()) {
+            outputs.insert(name, text);
+        }
+    }
+    Ok(VmRun { status, outputs })
+}
+
+struct RemoveOnDrop(PathBuf);
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if std::env::var_os("PEERPIPE_KEEP_RUN").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topology_has_one_port_per_drive_and_cmb_on_first() {
+        let imgs: Vec<PathBuf> = (0..3).map(|i| PathBuf::from(format!("/x/{i}.img"))).collect();
+        let o = qemu_devices(&imgs);
+        assert_eq!(o.matches("xio3130-downstream").count(), 3);
+        assert_eq!(o.matches("cmb_size_mb=64").count(), 1);
+        assert!(o.contains("serial=p2p0,drive=d0,bus=dn0,cmb_size_mb=64"));
+        assert!(o.contains("serial=data2,drive=d2,bus=dn2"));
+    }
+
+    #[test]
+    fn options_parse_and_reject() {
+        let a = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let o = VmOptions::parse(&a(&["--drives", "2", "--", "ls", "-l"])).unwrap();
+        assert_eq!(o.data_drives, 2);
+        assert_eq!(o.cmd, a(&["ls", "-l"]));
+        assert!(VmOptions::parse(&a(&["--"])).is_err());
+        assert!(VmOptions::parse(&a(&["--drives", "x", "--", "ls"])).is_err());
+        assert!(VmOptions::parse(&a(&["--bogus", "--", "ls"])).is_err());
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(shell_quote("abc/d-1"), "abc/d-1");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+}
