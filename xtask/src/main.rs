@@ -1,7 +1,7 @@
 //! peerpipe's tooling, run as `cargo xtask <command>`.
 //!
 //! - `install-deps`: Debian packages, qemu from backports, virtme-ng (idempotent).
-//! - `testbed build`: the testbed kernel (cached by a hash of its recipe).
+//! - `testbed build`: the testbed kernel (cached by a hash of its recipe); `testbed hash`: that hash.
 //! - `vm [--drives N] [--timeout SECS] -- CMD...`: boot the testbed VM and run CMD as root in it.
 //! - `test`: host `cargo test`, then the in-VM suite in one VM boot.
 //! - `demo`: the README's main command.
@@ -27,7 +27,7 @@ fn main() -> ExitCode {
     }
 }
 
-const USAGE: &str = "usage: cargo xtask <install-deps | testbed build | vm [--drives N] [--timeout SECS] -- CMD... | test [--host-only|--vm-only] | demo | guest-suite FILE>";
+const USAGE: &str = "usage: cargo xtask <install-deps | testbed build | testbed hash | vm [--drives N] [--timeout SECS] -- CMD... | test [--host-only|--vm-only] | demo | guest-suite FILE>";
 
 fn run(args: &[String]) -> Result<u8> {
     let first = args.first().map(String::as_str);
@@ -37,6 +37,10 @@ fn run(args: &[String]) -> Result<u8> {
             install_deps()?;
             let image = kernel::ensure_kernel()?;
             println!("{}", image.display());
+            Ok(0)
+        }
+        Some("testbed") if args.get(1).map(String::as_str) == Some("hash") => {
+            println!("{}", kernel::recipe_hash()?);
             Ok(0)
         }
         Some("vm") => {

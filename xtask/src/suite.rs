@@ -34,8 +34,12 @@ fn parse_result_line(line: &str) -> Option<Tally> {
     let mut t = Tally::default();
     for part in rest.split(';') {
         let words: Vec<&str> = part.split_whitespace().collect();
+        // Other parts ("finished in 0.01s") are not counts: skip them.
         let (n, what) = match words.as_slice() {
-            [.., n, what] => (n.parse::<u64>().ok()?, *what),
+            [.., n, what] => match n.parse::<u64>() {
+                Ok(n) => (n, *what),
+                Err(_) => continue,
+            },
             _ => continue,
         };
         match what {
