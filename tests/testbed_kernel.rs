@@ -5,6 +5,7 @@
 //! These tests talk to the kernel directly (rdma-sys, io-uring, libc) on purpose: they
 //! check the platform the library stands on, not the library.
 
+use peerpipe_testbed::*;
 use std::ffi::CStr;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -12,7 +13,6 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
-use peerpipe_testbed::*;
 
 const MIB: usize = 1 << 20;
 const CMB_BYTES: u64 = 64 << 20;
@@ -42,7 +42,11 @@ fn read_u64(p: PathBuf) -> u64 {
 fn p2pmem_char_device_and_sysfs_provider_are_64_mib() {
     require_testbed();
     let providers = sysfs_providers();
-    assert_eq!(providers.len(), 1, "one provider (the CMB drive): {providers:?}");
+    assert_eq!(
+        providers.len(),
+        1,
+        "one provider (the CMB drive): {providers:?}"
+    );
     let dir = &providers[0];
     assert_eq!(read_u64(dir.join("size")), CMB_BYTES);
     assert_eq!(read_u64(dir.join("published")), 1);
@@ -52,7 +56,10 @@ fn p2pmem_char_device_and_sysfs_provider_are_64_mib() {
     assert!(meta.file_type().is_char_device());
     // The char device belongs to the same PCI function as the sysfs provider.
     let cdev_pci = std::fs::canonicalize("/sys/class/misc/p2pmem0/device").expect("misc parent");
-    assert_eq!(cdev_pci, std::fs::canonicalize(dir.parent().unwrap()).unwrap());
+    assert_eq!(
+        cdev_pci,
+        std::fs::canonicalize(dir.parent().unwrap()).unwrap()
+    );
     // ... and that function is the NVMe controller with serial p2p0.
     let serial = std::fs::read_to_string(
         std::fs::read_dir(cdev_pci.join("nvme"))
@@ -251,7 +258,12 @@ fn write_block_dev(drive: &Drive, data: &[u8]) {
     buf.bytes().copy_from_slice(data);
     // SAFETY: buf is live and data.len() bytes long.
     let n = unsafe { libc::pwrite(f.as_raw_fd(), buf.0.cast(), data.len(), 0) };
-    assert_eq!(n, data.len() as isize, "{}", std::io::Error::last_os_error());
+    assert_eq!(
+        n,
+        data.len() as isize,
+        "{}",
+        std::io::Error::last_os_error()
+    );
     f.sync_all().unwrap();
 }
 
@@ -297,7 +309,11 @@ fn passthrough_read(iface: Iface) {
     let ng = File::open(&drive.ng).unwrap();
     // SAFETY: NVME_IOCTL_ID takes no argument and returns the namespace id.
     let nsid = unsafe { libc::ioctl(ng.as_raw_fd(), NVME_IOCTL_ID as _) };
-    assert!(nsid > 0, "NVME_IOCTL_ID: {}", std::io::Error::last_os_error());
+    assert!(
+        nsid > 0,
+        "NVME_IOCTL_ID: {}",
+        std::io::Error::last_os_error()
+    );
     let nlb = (IO_BYTES as u64 / drive.lba_size) as u32;
 
     // struct nvme_uring_cmd: opcode, flags, rsvd1, nsid, cdw2, cdw3, metadata, addr,
@@ -310,8 +326,9 @@ fn passthrough_read(iface: Iface) {
     // cdw10/11 = starting LBA 0; cdw12 = number of LBAs - 1.
     cmd[48..52].copy_from_slice(&(nlb - 1).to_le_bytes());
 
-    let mut ring: IoUring<squeue::Entry128, cqueue::Entry32> =
-        IoUring::builder().build(4).expect("io_uring with big SQEs/CQEs");
+    let mut ring: IoUring<squeue::Entry128, cqueue::Entry32> = IoUring::builder()
+        .build(4)
+        .expect("io_uring with big SQEs/CQEs");
     let sqe = opcode::UringCmd80::new(types::Fd(ng.as_raw_fd()), NVME_URING_CMD_IO)
         .cmd(cmd)
         .build()
@@ -320,7 +337,11 @@ fn passthrough_read(iface: Iface) {
     unsafe { ring.submission().push(&sqe).expect("sq has room") };
     ring.submit_and_wait(1).expect("submit");
     let cqe = ring.completion().next().expect("a completion");
-    assert_eq!(cqe.result(), 0, "passthrough read result (errno<0, NVMe status>0)");
+    assert_eq!(
+        cqe.result(),
+        0,
+        "passthrough read result (errno<0, NVMe status>0)"
+    );
     assert_eq!(&m.bytes()[..IO_BYTES], p.as_slice());
 }
 
@@ -386,11 +407,26 @@ macro_rules! matrix_cell {
 
 matrix_cell!(dev_p2pmem_cpu_access_works, cpu_access(Iface::CharDev));
 matrix_cell!(sysfs_allocate_cpu_access_works, cpu_access(Iface::Sysfs));
-matrix_cell!(dev_p2pmem_o_direct_pread_works, o_direct_pread(Iface::CharDev));
-matrix_cell!(sysfs_allocate_o_direct_pread_works, o_direct_pread(Iface::Sysfs));
-matrix_cell!(dev_p2pmem_nvme_passthrough_read_works, passthrough_read(Iface::CharDev));
-matrix_cell!(sysfs_allocate_nvme_passthrough_read_works, passthrough_read(Iface::Sysfs));
-matrix_cell!(dev_p2pmem_ibv_reg_mr_works, assert_eq!(reg_mr(Iface::CharDev), Ok(())));
+matrix_cell!(
+    dev_p2pmem_o_direct_pread_works,
+    o_direct_pread(Iface::CharDev)
+);
+matrix_cell!(
+    sysfs_allocate_o_direct_pread_works,
+    o_direct_pread(Iface::Sysfs)
+);
+matrix_cell!(
+    dev_p2pmem_nvme_passthrough_read_works,
+    passthrough_read(Iface::CharDev)
+);
+matrix_cell!(
+    sysfs_allocate_nvme_passthrough_read_works,
+    passthrough_read(Iface::Sysfs)
+);
+matrix_cell!(
+    dev_p2pmem_ibv_reg_mr_works,
+    assert_eq!(reg_mr(Iface::CharDev), Ok(()))
+);
 matrix_cell!(
     sysfs_allocate_ibv_reg_mr_fails_efault,
     assert_eq!(reg_mr(Iface::Sysfs), Err(libc::EFAULT))

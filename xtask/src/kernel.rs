@@ -46,7 +46,10 @@ pub fn ensure_kernel() -> Result<PathBuf> {
     if shared.is_file() {
         return Ok(shared);
     }
-    let cached = cache_dir().join("testbed-kernels").join(&hash).join("bzImage");
+    let cached = cache_dir()
+        .join("testbed-kernels")
+        .join(&hash)
+        .join("bzImage");
     if cached.is_file() {
         return Ok(cached);
     }

@@ -98,16 +98,22 @@ fn install_deps() -> Result<()> {
 /// Builds every binary the VM runs: examples and the workspace's bins, on the host.
 pub fn build_workspace_bins() -> Result<()> {
     status(
-        Command::new("cargo")
-            .current_dir(repo_root())
-            .args(["build", "--quiet", "--workspace", "--bins", "--examples"]),
+        Command::new("cargo").current_dir(repo_root()).args([
+            "build",
+            "--quiet",
+            "--workspace",
+            "--bins",
+            "--examples",
+        ]),
         "cargo build --bins --examples",
     )
 }
 
 /// Runs `cmd` and turns a non-zero exit into an error naming `what`.
 pub fn status(cmd: &mut Command, what: &str) -> Result<()> {
-    let st = cmd.status().map_err(|e| format!("{what}: cannot start: {e}"))?;
+    let st = cmd
+        .status()
+        .map_err(|e| format!("{what}: cannot start: {e}"))?;
     if st.success() {
         Ok(())
     } else {

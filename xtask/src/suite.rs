@@ -206,8 +206,8 @@ fn test_binaries(root: &Path) -> Result<Vec<(PathBuf, PathBuf)>> {
 
 /// Inside the VM: run each listed binary's ignored (= testbed) tests, serially.
 pub fn guest_suite(list_file: &Path) -> Result<u8> {
-    let text = std::fs::read_to_string(list_file)
-        .map_err(|e| format!("{}: {e}", list_file.display()))?;
+    let text =
+        std::fs::read_to_string(list_file).map_err(|e| format!("{}: {e}", list_file.display()))?;
     let mut filter: Vec<String> = Vec::new();
     let mut bins = Vec::new();
     for line in text.lines() {

@@ -251,7 +251,9 @@ mod tests {
 
     #[test]
     fn topology_has_one_port_per_drive_and_cmb_on_first() {
-        let imgs: Vec<PathBuf> = (0..3).map(|i| PathBuf::from(format!("/x/{i}.img"))).collect();
+        let imgs: Vec<PathBuf> = (0..3)
+            .map(|i| PathBuf::from(format!("/x/{i}.img")))
+            .collect();
         let o = qemu_devices(&imgs);
         assert_eq!(o.matches("xio3130-downstream").count(), 3);
         assert_eq!(o.matches("cmb_size_mb=64").count(), 1);

@@ -3,7 +3,6 @@
 //! Convention: such a test carries `#[ignore = "skipped: no device ..."]`; `cargo xtask test`
 //! runs it inside the testbed VM with `--ignored`, where a missing device fails it.
 
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -45,7 +44,10 @@ pub struct Drive {
 /// All drives, found by their serial (`p2p0` has the CMB; `data1`, `data2`, ... are plain).
 pub fn drives() -> Vec<Drive> {
     let mut out = Vec::new();
-    for e in std::fs::read_dir("/sys/block").expect("/sys/block").flatten() {
+    for e in std::fs::read_dir("/sys/block")
+        .expect("/sys/block")
+        .flatten()
+    {
         let name = e.file_name().to_string_lossy().into_owned();
         if !name.starts_with("nvme") {
             continue;
