@@ -1,2 +1,41 @@
 //! io_uring NVMe passthrough (`IORING_OP_URING_CMD` on `/dev/ngXnY`) and O_DIRECT file I/O
 //! for peerpipe (raw layer: `io-uring`).
+//!
+//! - [`Namespace`] opens an NVMe namespace and identifies it (LBA format, limits).
+//! - [`FileTarget`] wraps a file or block device (O_DIRECT).
+//! - [`Ring`] carries reads/writes/flush/write-zeroes/deallocate/raw commands to either, plus
+//!   polls of foreign fds; operations own their [`IoBuf`] until the [`Completion`] is reaped.
+//! - [`Error`] carries the operation, the errno or decoded [`NvmeStatus`], and what to do.
+//!
+//! ```no_run
+//! use peerpipe_uring::{AlignedBuf, Namespace, Ring};
+//! # fn main() -> Result<(), peerpipe_uring::Error> {
+//! let ns = Namespace::open("/dev/ng1n1")?;
+//! let mut ring: Ring = Ring::new()?;
+//! let t = ring.add_namespace(&ns)?;
+//! ring.read(t, 0, AlignedBuf::new(4096), 7)?;
+//! let mut done = Vec::new();
+//! ring.wait(1, &mut done)?;
+//! let c = done.pop().unwrap();
+//! assert_eq!(c.result?, 4096);
+//! # Ok(()) }
+//! ```
+
+pub mod abi;
+pub mod buf;
+pub mod capability;
+pub mod cmd;
+pub mod error;
+pub mod file;
+pub mod namespace;
+pub mod ring;
+pub mod status;
+
+pub use buf::{AlignedBuf, IoBuf, Slice};
+pub use capability::{Capabilities, Feature};
+pub use cmd::{NvmeCommand, Queue};
+pub use error::{Error, Rejected, Result};
+pub use file::{FileOptions, FileTarget};
+pub use namespace::{ControllerInfo, LbaFormat, Namespace, NamespaceInfo};
+pub use ring::{Completion, OpKind, PollId, Ring, RingBuilder, TargetId};
+pub use status::NvmeStatus;

@@ -3,12 +3,17 @@
 
 use crate::{cache_dir, repo_root, venv_bin, Result};
 use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Size of every emulated drive (raw sparse files, made anew per run).
 const DRIVE_BYTES: u64 = 1 << 30;
+/// A boot that has not reached the guest script by then is stalled (normal: 20-45 s).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+const BOOT_ATTEMPTS: u32 = 3;
 /// Exit status the guest wrapper reports when the testbed itself could not be set up.
 const SETUP_FAILED: u8 = 97;
 
@@ -149,6 +154,7 @@ pub fn run_in_vm(kernel: &Path, opts: &VmOptions) -> Result<VmRun> {
     let status_file = out_dir.join("status");
     let script = format!(
         r#"#!/bin/bash
+echo started > {out}/started
 cd {repo}
 export PEERPIPE_TESTBED=1 PEERPIPE_OUT={out} PEERPIPE_DRIVES={drives}
 export PEERPIPE_ADDR0=10.77.0.1 PEERPIPE_ADDR1=10.77.0.2
@@ -193,25 +199,27 @@ exit $rc
     .arg(format!("--rwdir={}", out_dir.display()))
     .arg(format!("--qemu-opts={}", qemu_devices(&images)))
     .args(["--exec", &format!("bash {}", script_path.display())]);
+    if std::env::var_os("PEERPIPE_VM_VERBOSE").is_some() {
+        // The guest kernel's console on stderr: for boot problems.
+        vng.arg("--verbose");
+    }
 
     let started = Instant::now();
-    let mut child = vng
-        .spawn()
-        .map_err(|e| format!("vng: cannot start (run cargo xtask install-deps): {e}"))?;
-    loop {
-        if let Some(st) = child.try_wait().map_err(|e| format!("vng: {e}"))? {
-            let _ = st;
-            break;
-        }
-        if started.elapsed() > opts.timeout {
-            let _ = child.kill();
-            let _ = child.wait();
+    let marker = out_dir.join("started");
+    let mut attempt = 1;
+    while boot_once(&mut vng, &marker, opts.timeout)? == Boot::NeverStarted {
+        if attempt == BOOT_ATTEMPTS {
             return Err(format!(
-                "vm: timed out after {} s; the guest was killed",
-                opts.timeout.as_secs()
+                "vm: the guest never reached its command in {BOOT_ATTEMPTS} boots of {} s each \
+                 (rerun with PEERPIPE_VM_VERBOSE=1 to see the guest console)",
+                BOOT_TIMEOUT.as_secs()
             ));
         }
-        std::thread::sleep(Duration::from_millis(200));
+        attempt += 1;
+        eprintln!(
+            "xtask: the guest did not start within {} s; booting again (attempt {attempt}/{BOOT_ATTEMPTS})",
+            BOOT_TIMEOUT.as_secs()
+        );
     }
     eprintln!(
         "xtask: vm finished in {:.1} s",
@@ -234,6 +242,86 @@ exit $rc
         }
     }
     Ok(VmRun { status, outputs })
+}
+
+/// Copies a child's output to ours until it closes.
+fn forward(src: Option<Box<dyn Read + Send>>, to_stderr: bool) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let Some(mut src) = src else { return };
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = src.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            let r = if to_stderr {
+                std::io::stderr().write_all(&buf[..n])
+            } else {
+                let mut out = std::io::stdout().lock();
+                out.write_all(&buf[..n]).and_then(|_| out.flush())
+            };
+            if r.is_err() {
+                break;
+            }
+        }
+    })
+}
+
+#[derive(PartialEq)]
+enum Boot {
+    /// The guest ran its command (whatever its status).
+    Finished,
+    /// The guest never reached its command: retry.
+    NeverStarted,
+}
+
+/// One boot. Under heavy host load a TCG boot occasionally stalls before userspace; the
+/// guest script's first act is to write `marker`, so a boot without it is killed and retried.
+fn boot_once(vng: &mut Command, marker: &Path, timeout: Duration) -> Result<Boot> {
+    let started = Instant::now();
+    // Own process group: QEMU is vng's grandchild and must die with it.
+    // QEMU reopens /proc/self/fd/1 by path for the guest's stdout, which truncates our stdout
+    // when it is a regular file (a CI log): hand it pipes and copy them through.
+    let mut child = vng
+        .process_group(0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("vng: cannot start (run cargo xtask install-deps): {e}"))?;
+    let out = child
+        .stdout
+        .take()
+        .map(|o| Box::new(o) as Box<dyn Read + Send>);
+    let err = child
+        .stderr
+        .take()
+        .map(|o| Box::new(o) as Box<dyn Read + Send>);
+    let copiers = [forward(out, false), forward(err, true)];
+    let kill_group = |child: &mut std::process::Child| {
+        // SAFETY: kill(2) on our child's process group; no memory is involved.
+        unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+        let _ = child.wait();
+    };
+    let result = loop {
+        if child.try_wait().map_err(|e| format!("vng: {e}"))?.is_some() {
+            break Ok(Boot::Finished);
+        }
+        if !marker.exists() && started.elapsed() > BOOT_TIMEOUT {
+            kill_group(&mut child);
+            break Ok(Boot::NeverStarted);
+        }
+        if started.elapsed() > timeout {
+            kill_group(&mut child);
+            break Err(format!(
+                "vm: timed out after {} s; the guest was killed",
+                timeout.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for c in copiers {
+        let _ = c.join();
+    }
+    result
 }
 
 struct RemoveOnDrop(PathBuf);

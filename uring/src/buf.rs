@@ -1,0 +1,214 @@
+//! Buffers an operation owns while the kernel or the device uses them.
+
+use std::alloc::{self, Layout};
+use std::ptr::NonNull;
+
+/// Memory an I/O operation can own while it is in flight: host memory, or anything the caller
+/// adapts (a p2pmem mapping from another crate, a slice of a registered arena, ...).
+///
+/// The ring takes the buffer by value when an operation is queued and gives it back with the
+/// completion, so nothing else can touch it while the device does.
+///
+/// # Safety
+///
+/// Implementors guarantee that, for as long as the value lives and is not accessed through
+/// other means: `as_mut_ptr()..as_mut_ptr() + len()` is valid memory that the kernel and a DMA
+/// device may read and write; the address and length do not change when the value is moved
+/// (the memory is not inline in the value); and `as_ptr() == as_mut_ptr()`.
+pub unsafe trait IoBuf {
+    /// Start of the memory.
+    fn as_ptr(&self) -> *const u8;
+    /// Start of the memory, for the device to write.
+    fn as_mut_ptr(&mut self) -> *mut u8;
+    /// Length in bytes.
+    fn len(&self) -> usize;
+    /// Whether the buffer is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+// SAFETY: a Vec's heap memory does not move when the Vec is moved and is valid for len bytes.
+unsafe impl IoBuf for Vec<u8> {
+    fn as_ptr(&self) -> *const u8 {
+        self.as_slice().as_ptr()
+    }
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.as_mut_slice().as_mut_ptr()
+    }
+    fn len(&self) -> usize {
+        Vec::len(self)
+    }
+}
+
+// SAFETY: as for Vec: boxed memory does not move with the box.
+unsafe impl IoBuf for Box<[u8]> {
+    fn as_ptr(&self) -> *const u8 {
+        <[u8]>::as_ptr(self)
+    }
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        <[u8]>::as_mut_ptr(self)
+    }
+    fn len(&self) -> usize {
+        <[u8]>::len(self)
+    }
+}
+
+// SAFETY: forwards to the inner buffer, whose memory does not move with the box.
+unsafe impl<T: IoBuf + ?Sized> IoBuf for Box<T> {
+    fn as_ptr(&self) -> *const u8 {
+        (**self).as_ptr()
+    }
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        (**self).as_mut_ptr()
+    }
+    fn len(&self) -> usize {
+        (**self).len()
+    }
+}
+
+/// Zeroed host memory with a chosen alignment (default 4096: satisfies O_DIRECT and NVMe PRP
+/// rules, so no bounce copies).
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    layout: Layout,
+}
+
+// SAFETY: AlignedBuf uniquely owns its allocation, like Box<[u8]>.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared access only reads.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// `len` zeroed bytes aligned to 4096.
+    ///
+    /// # Panics
+    ///
+    /// On allocation failure (like `Vec`).
+    pub fn new(len: usize) -> Self {
+        Self::with_align(len, 4096)
+    }
+    /// `len` zeroed bytes aligned to `align` (a power of two).
+    ///
+    /// # Panics
+    ///
+    /// When `align` is not a power of two, or on allocation failure.
+    pub fn with_align(len: usize, align: usize) -> Self {
+        let layout = Layout::from_size_align(len.max(1), align).expect("power-of-two alignment");
+        // SAFETY: layout has a non-zero size.
+        let p = unsafe { alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(p).unwrap_or_else(|| alloc::handle_alloc_error(layout));
+        AlignedBuf {
+            ptr,
+            layout: Layout::from_size_align(len, align).expect("checked above"),
+        }
+    }
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr is valid for layout.size() initialised (zeroed) bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
+    }
+    /// The bytes, mutable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and &mut self gives unique access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+    }
+    /// The alignment it was allocated with.
+    pub fn align(&self) -> usize {
+        self.layout.align()
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        let layout = Layout::from_size_align(self.layout.size().max(1), self.layout.align())
+            .expect("valid at allocation");
+        // SAFETY: allocated with this layout in with_align.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) }
+    }
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.as_mut_slice()
+    }
+}
+
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlignedBuf")
+            .field("addr", &self.ptr)
+            .field("len", &self.layout.size())
+            .field("align", &self.layout.align())
+            .finish()
+    }
+}
+
+// SAFETY: heap memory owned by the value, valid for len bytes, never moves.
+unsafe impl IoBuf for AlignedBuf {
+    fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+    fn len(&self) -> usize {
+        self.layout.size()
+    }
+}
+
+/// A sub-range of an owned buffer, so one big buffer can be used piecewise (take it back with
+/// [`Slice::into_inner`]).
+#[derive(Debug)]
+pub struct Slice<B> {
+    inner: B,
+    start: usize,
+    len: usize,
+}
+
+impl<B: IoBuf> Slice<B> {
+    /// `inner[start..start + len]`.
+    ///
+    /// # Panics
+    ///
+    /// When the range is outside `inner`.
+    pub fn new(inner: B, start: usize, len: usize) -> Self {
+        assert!(
+            start.checked_add(len).is_some_and(|e| e <= inner.len()),
+            "slice {start}+{len} outside a buffer of {} bytes",
+            inner.len()
+        );
+        Slice { inner, start, len }
+    }
+    /// The whole buffer back.
+    pub fn into_inner(self) -> B {
+        self.inner
+    }
+    /// Offset of the slice in the buffer.
+    pub fn start(&self) -> usize {
+        self.start
+    }
+}
+
+// SAFETY: a checked sub-range of a valid IoBuf is valid and moves with it only as the inner
+// buffer does (i.e. not at all).
+unsafe impl<B: IoBuf> IoBuf for Slice<B> {
+    fn as_ptr(&self) -> *const u8 {
+        // SAFETY: start <= inner.len() (checked in new).
+        unsafe { self.inner.as_ptr().add(self.start) }
+    }
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        // SAFETY: as above.
+        unsafe { self.inner.as_mut_ptr().add(self.start) }
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
