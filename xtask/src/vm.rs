@@ -103,6 +103,18 @@ fn qemu_devices(images: &[PathBuf]) -> String {
     o
 }
 
+/// TCG threading: `single` (default) runs all vCPUs in one host thread. Multi-threaded TCG
+/// is faster but, on a loaded host, intermittently loses the wakeup of a halted vCPU during
+/// boot (seen here: RCU stalls "timer wakeup didn't happen", NVMe admin timeouts
+/// "completion polled", a guest that never reaches userspace). `PEERPIPE_VM_TCG=multi`
+/// opts back in.
+fn tcg_threading() -> &'static str {
+    match std::env::var("PEERPIPE_VM_TCG").as_deref() {
+        Ok("multi") => "multi",
+        _ => "single",
+    }
+}
+
 fn shell_quote(s: &str) -> String {
     if !s.is_empty()
         && s.bytes()
@@ -197,7 +209,11 @@ exit $rc
     // Keep the CMB for data (no SQs in it); one poll queue so IOPOLL can be tested.
     .args(["--append", "nvme.use_cmb_sqes=0 nvme.poll_queues=1"])
     .arg(format!("--rwdir={}", out_dir.display()))
-    .arg(format!("--qemu-opts={}", qemu_devices(&images)))
+    .arg(format!(
+        "--qemu-opts={} -accel tcg,thread={}",
+        qemu_devices(&images),
+        tcg_threading()
+    ))
     .args(["--exec", &format!("bash {}", script_path.display())]);
     if std::env::var_os("PEERPIPE_VM_VERBOSE").is_some() {
         // The guest kernel's console on stderr: for boot problems.
