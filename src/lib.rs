@@ -12,3 +12,5 @@
 pub use peerpipe_p2p_alloc as p2p_alloc;
 pub use peerpipe_rdma as rdma;
 pub use peerpipe_uring as uring;
+
+pub mod info;

@@ -1,0 +1,454 @@
+//! RDMA WRITE bandwidth and latency over peerpipe-rdma, in the style of perftest's
+//! `ib_write_bw -R` and `ib_write_lat -R` (same parameters, same output columns).
+//!
+//! ```text
+//! server: rdma_bw [bw|lat] [-a BIND_ADDR] [-p PORT]
+//! client: rdma_bw [bw|lat] [-s SIZE] [-n ITERS] [-t TX_DEPTH] [--source_ip ADDR] [-p PORT] SERVER
+//! ```
+//! The client sends the test parameters and its buffer in the connect private data; the
+//! server answers with its buffer in the accept private data. BW is MiB/s (like perftest).
+
+use std::net::{IpAddr, SocketAddr};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use peerpipe_rdma::*;
+
+const T: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Bw,
+    Lat,
+}
+
+struct Opts {
+    mode: Mode,
+    size: usize,
+    iters: u64,
+    tx_depth: u32,
+    port: u16,
+    bind: Option<IpAddr>,
+    source: Option<IpAddr>,
+    server: Option<IpAddr>,
+}
+
+fn parse() -> std::result::Result<Opts, String> {
+    let mut o = Opts {
+        mode: Mode::Bw,
+        size: 65536,
+        iters: 0,
+        tx_depth: 128,
+        port: 18515,
+        bind: None,
+        source: None,
+        server: None,
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    let val = |i: &mut usize| -> std::result::Result<String, String> {
+        *i += 1;
+        args.get(*i)
+            .cloned()
+            .ok_or_else(|| format!("{} needs a value", args[*i - 1]))
+    };
+    while i < args.len() {
+        match args[i].as_str() {
+            "bw" => o.mode = Mode::Bw,
+            "lat" => o.mode = Mode::Lat,
+            "-s" | "--size" => o.size = val(&mut i)?.parse().map_err(|e| format!("size: {e}"))?,
+            "-n" | "--iters" => {
+                o.iters = val(&mut i)?.parse().map_err(|e| format!("iters: {e}"))?
+            }
+            "-t" | "--tx-depth" => {
+                o.tx_depth = val(&mut i)?.parse().map_err(|e| format!("tx-depth: {e}"))?
+            }
+            "-p" | "--port" => o.port = val(&mut i)?.parse().map_err(|e| format!("port: {e}"))?,
+            "-a" | "--bind" => {
+                o.bind = Some(val(&mut i)?.parse().map_err(|e| format!("bind: {e}"))?)
+            }
+            "--source_ip" => {
+                o.source = Some(
+                    val(&mut i)?
+                        .parse()
+                        .map_err(|e| format!("source_ip: {e}"))?,
+                )
+            }
+            "-R" | "--rdma_cm" => {} // always rdma_cm
+            a if !a.starts_with('-') => {
+                o.server = Some(a.parse().map_err(|e| format!("server address: {e}"))?)
+            }
+            a => return Err(format!("unknown option {a}")),
+        }
+        i += 1;
+    }
+    if o.iters == 0 {
+        o.iters = if o.mode == Mode::Bw { 5000 } else { 1000 };
+    }
+    if o.size == 0 || o.iters < 5 || o.tx_depth == 0 {
+        return Err("size must be > 0, iters >= 5, tx-depth > 0".into());
+    }
+    Ok(o)
+}
+
+/// Connect private data: mode, size, iters, tx_depth, buffer (addr, rkey).
+fn encode_req(mode: Mode, size: u32, iters: u64, depth: u32, buf: RemoteBuf) -> Vec<u8> {
+    let mut v = Vec::with_capacity(32);
+    v.push(if mode == Mode::Bw { 1 } else { 2 });
+    v.extend_from_slice(&[0; 3]);
+    v.extend_from_slice(&size.to_be_bytes());
+    v.extend_from_slice(&iters.to_be_bytes());
+    v.extend_from_slice(&depth.to_be_bytes());
+    v.extend_from_slice(&buf.addr.to_be_bytes());
+    v.extend_from_slice(&buf.rkey.to_be_bytes());
+    v
+}
+
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes(b[..4].try_into().unwrap())
+}
+fn be64(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b[..8].try_into().unwrap())
+}
+
+fn make_cq(ctx: &Context) -> Result<CompletionQueue> {
+    CompletionQueue::new(ctx, 1024)
+}
+
+fn caps(depth: u32) -> QpCaps {
+    QpCaps {
+        max_send_wr: depth.max(16),
+        max_recv_wr: 16,
+        max_send_sge: 1,
+        max_recv_sge: 1,
+        max_inline_data: 64,
+    }
+}
+
+fn run_server(o: &Opts) -> Result<()> {
+    let addr = o.bind.unwrap_or(IpAddr::from([0u8, 0, 0, 0]));
+    let listener = Listener::bind(SocketAddr::new(addr, o.port), 4)?;
+    println!("waiting for a client on {addr}:{}", o.port);
+    let req = loop {
+        match listener.get_request(Duration::from_secs(1)) {
+            Ok(r) => break r,
+            Err(Error::Timeout { .. }) => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    let pdata = req.private_data().to_vec();
+    if pdata.len() < 32 {
+        return Err(Error::InvalidArgument {
+            op: "rdma_bw server",
+            reason: "client sent no test parameters".into(),
+        });
+    }
+    let mode = if pdata[0] == 2 { Mode::Lat } else { Mode::Bw };
+    let size = be32(&pdata[4..]) as usize;
+    let iters = be64(&pdata[8..]);
+    let depth = be32(&pdata[16..]);
+    let peer = RemoteBuf {
+        addr: be64(&pdata[20..]),
+        rkey: be32(&pdata[28..]),
+        len: size as u32,
+    };
+    let ctx = req.context().clone();
+    let pd = ProtectionDomain::new(&ctx)?;
+    let cq = make_cq(&ctx)?;
+    let buf = MemoryRegion::alloc(&pd, size, Access::default().remote_write())?;
+    let reply = encode_req(mode, size as u32, iters, depth, buf.remote());
+    let init = QpInit::new(&pd, &cq).caps(caps(depth));
+    let conn = req.accept(
+        &init,
+        &ConnParams {
+            private_data: reply,
+            timeout: T,
+            ..Default::default()
+        },
+    )?;
+    match mode {
+        Mode::Bw => {
+            // the client writes; we wait for it to disconnect
+            conn.wait_event(CmEventKind::Disconnected, Duration::from_secs(3600))?;
+        }
+        Mode::Lat => {
+            let src = MemoryRegion::alloc(&pd, size, Access::default())?;
+            let lat = pingpong(&conn, &cq, &src, &buf, peer, iters, false)?;
+            drop(lat);
+            let _ = conn.disconnect(Duration::from_secs(5));
+        }
+    }
+    Ok(())
+}
+
+/// ib_write_lat: the client writes iteration n (in the last byte) into the peer's buffer; the
+/// peer spins on its memory until it sees n and writes back. Returns the per-iteration
+/// round-trip times (client side).
+fn pingpong(
+    conn: &Connection,
+    cq: &CompletionQueue,
+    src: &MemoryRegion,
+    dst: &MemoryRegion,
+    peer: RemoteBuf,
+    iters: u64,
+    client: bool,
+) -> Result<Vec<Duration>> {
+    let size = src.len();
+    let inline = size <= conn.caps().max_inline_data as usize;
+    let mut rtts = Vec::with_capacity(iters as usize);
+    let mut outstanding = 0u32;
+    let signal_every = 16u64;
+    let mut comps = [EMPTY_COMPLETION; 16];
+    let post = |n: u64, outstanding: &mut u32| -> Result<()> {
+        let mut payload = vec![0u8; size];
+        payload[size - 1] = (n % 251) as u8 + 1;
+        // the last write is signalled so the loop below waits for it before disconnecting
+        let signaled = n % signal_every == signal_every - 1 || n + 1 == iters;
+        let req = if inline {
+            SendRequest::write(n, vec![], peer).with_inline(&payload)
+        } else {
+            src.write_at(0, &payload)?;
+            SendRequest::write(n, vec![src.sge_all()], peer)
+        };
+        conn.post_send(&[req.signaled_if(signaled)])?;
+        if signaled {
+            *outstanding += 1;
+        }
+        Ok(())
+    };
+    let wait_value = |n: u64| -> Result<()> {
+        let want = (n % 251) as u8 + 1;
+        let start = Instant::now();
+        let mut spins = 0u32;
+        while dst.read_volatile(size - 1)? != want {
+            spins += 1;
+            if spins % 100_000 == 0 {
+                conn.check()?;
+                if start.elapsed() > T {
+                    return Err(Error::Timeout {
+                        op: "wait for peer write",
+                        after: T,
+                    });
+                }
+            }
+        }
+        Ok(())
+    };
+    for n in 0..iters {
+        let t0 = Instant::now();
+        if client {
+            post(n, &mut outstanding)?;
+            wait_value(n)?;
+            rtts.push(t0.elapsed());
+        } else {
+            wait_value(n)?;
+            post(n, &mut outstanding)?;
+        }
+        // reap send completions without blocking the ping-pong
+        if outstanding > 0 {
+            let k = cq.poll(&mut comps)?;
+            for c in &comps[..k] {
+                c.ok()?;
+            }
+            outstanding -= k as u32;
+        }
+    }
+    while outstanding > 0 {
+        let k = conn.wait_completions(cq, &mut comps, T)?;
+        for c in &comps[..k] {
+            c.ok()?;
+        }
+        outstanding -= k as u32;
+    }
+    Ok(rtts)
+}
+
+fn connect(
+    o: &Opts,
+    server: IpAddr,
+) -> Result<(
+    Connection,
+    ProtectionDomain,
+    CompletionQueue,
+    MemoryRegion,
+    RemoteBuf,
+)> {
+    let c = Connector::resolve(o.source, SocketAddr::new(server, o.port), T)?;
+    let ctx = c.context().clone();
+    let pd = ProtectionDomain::new(&ctx)?;
+    let cq = make_cq(&ctx)?;
+    let access = if o.mode == Mode::Lat {
+        Access::default().remote_write()
+    } else {
+        Access::default()
+    };
+    let buf = MemoryRegion::alloc(&pd, o.size, access)?;
+    let pdata = encode_req(o.mode, o.size as u32, o.iters, o.tx_depth, buf.remote());
+    let init = QpInit::new(&pd, &cq).caps(caps(o.tx_depth));
+    let conn = c.connect(
+        &init,
+        &ConnParams {
+            private_data: pdata,
+            timeout: T,
+            ..Default::default()
+        },
+    )?;
+    let r = conn.peer_private_data();
+    if r.len() < 32 {
+        return Err(Error::InvalidArgument {
+            op: "rdma_bw client",
+            reason: "server sent no buffer".into(),
+        });
+    }
+    let remote = RemoteBuf {
+        addr: be64(&r[20..]),
+        rkey: be32(&r[28..]),
+        len: o.size as u32,
+    };
+    Ok((conn, pd, cq, buf, remote))
+}
+
+fn run_bw(o: &Opts, server: IpAddr) -> Result<()> {
+    let (conn, _pd, cq, src, remote) = connect(o, server)?;
+    let depth = conn.caps().max_send_wr.min(o.tx_depth) as u64;
+    let cq_mod = (depth / 2).clamp(1, 100);
+    let iters = o.iters;
+    let (mut posted, mut completed) = (0u64, 0u64);
+    let mut comps = [EMPTY_COMPLETION; 32];
+    let mut done_at: Vec<(u64, Instant)> = Vec::new();
+    let start = Instant::now();
+    let mut batch: Vec<SendRequest> = Vec::with_capacity(depth as usize);
+    while completed < iters {
+        if posted < iters && posted - completed < depth {
+            batch.clear();
+            while posted < iters && posted - completed < depth && batch.len() < 32 {
+                let signaled = (posted + 1) % cq_mod == 0 || posted + 1 == iters;
+                batch.push(
+                    SendRequest::write(posted, vec![src.sge_all()], remote).signaled_if(signaled),
+                );
+                posted += 1;
+            }
+            conn.post_send(&batch)?;
+        }
+        let k = cq.poll(&mut comps)?;
+        if k == 0 && posted - completed >= depth {
+            // queue full: wait for the device (with a bound and peer-loss detection)
+            let k = conn.wait_completions(&cq, &mut comps, T)?;
+            completed = reap(&comps[..k], completed, &mut done_at)?;
+            continue;
+        }
+        completed = reap(&comps[..k], completed, &mut done_at)?;
+    }
+    let elapsed = start.elapsed();
+    let bytes = iters as f64 * o.size as f64;
+    let avg = bytes / elapsed.as_secs_f64() / 1048576.0;
+    // peak: best rate between consecutive signalled completions (like perftest's peak)
+    let mut peak = avg;
+    let mut prev = (0u64, start);
+    for &(n, t) in &done_at {
+        let dt = t.duration_since(prev.1).as_secs_f64();
+        if dt > 0.0 && n > prev.0 + cq_mod / 2 {
+            peak = peak.max((n - prev.0) as f64 * o.size as f64 / dt / 1048576.0);
+        }
+        prev = (n, t);
+    }
+    println!(
+        "---------------------------------------------------------------------------------------"
+    );
+    println!("                    RDMA_Write BW Test (peerpipe-rdma)");
+    println!(
+        " Device: {}  TX depth: {depth}  CQ moderation: {cq_mod}",
+        conn.context().name()
+    );
+    println!(
+        "---------------------------------------------------------------------------------------"
+    );
+    println!(" #bytes     #iterations    BW peak[MB/sec]    BW average[MB/sec]   MsgRate[Mpps]");
+    println!(
+        " {:<10} {:<16} {:<18.2} {:<20.2} {:.6}",
+        o.size,
+        iters,
+        peak,
+        avg,
+        iters as f64 / elapsed.as_secs_f64() / 1e6
+    );
+    println!(
+        "---------------------------------------------------------------------------------------"
+    );
+    conn.disconnect(Duration::from_secs(5))?;
+    Ok(())
+}
+
+fn reap(
+    comps: &[Completion],
+    mut completed: u64,
+    done_at: &mut Vec<(u64, Instant)>,
+) -> Result<u64> {
+    for c in comps {
+        c.ok()?;
+        completed = c.wr_id + 1; // signalled WR n completes everything up to n
+        done_at.push((completed, Instant::now()));
+    }
+    Ok(completed)
+}
+
+fn run_lat(o: &Opts, server: IpAddr) -> Result<()> {
+    let (conn, pd, cq, buf, remote) = connect(o, server)?;
+    let src = MemoryRegion::alloc(&pd, o.size, Access::default())?;
+    let rtts = pingpong(&conn, &cq, &src, &buf, remote, o.iters, true)?;
+    // one-way latency = RTT / 2, as ib_write_lat reports
+    let mut us: Vec<f64> = rtts.iter().map(|d| d.as_secs_f64() * 1e6 / 2.0).collect();
+    us.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = us.len();
+    let avg = us.iter().sum::<f64>() / n as f64;
+    let var = us.iter().map(|x| (x - avg) * (x - avg)).sum::<f64>() / n as f64;
+    let pct = |p: f64| us[((n as f64 * p) as usize).min(n - 1)];
+    println!(
+        "---------------------------------------------------------------------------------------"
+    );
+    println!("                    RDMA_Write Latency Test (peerpipe-rdma)");
+    println!(" Device: {}", conn.context().name());
+    println!(
+        "---------------------------------------------------------------------------------------"
+    );
+    println!(" #bytes #iterations    t_min[usec]    t_max[usec]  t_typical[usec]    t_avg[usec]    t_stdev[usec]   99% percentile[usec]   99.9% percentile[usec]");
+    println!(
+        " {:<6} {:<14} {:<14.2} {:<12.2} {:<18.2} {:<14.2} {:<15.2} {:<22.2} {:.2}",
+        o.size,
+        n,
+        us[0],
+        us[n - 1],
+        us[n / 2],
+        avg,
+        var.sqrt(),
+        pct(0.99),
+        pct(0.999)
+    );
+    println!(
+        "---------------------------------------------------------------------------------------"
+    );
+    let _ = conn.wait_event(CmEventKind::Disconnected, Duration::from_secs(5));
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let o = match parse() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("rdma_bw: {e}");
+            return ExitCode::from(22);
+        }
+    };
+    let r = match (o.server, o.mode) {
+        (None, _) => run_server(&o),
+        (Some(s), Mode::Bw) => run_bw(&o, s),
+        (Some(s), Mode::Lat) => run_lat(&o, s),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rdma_bw failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

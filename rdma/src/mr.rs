@@ -1,0 +1,420 @@
+//! Memory regions over caller memory (host, hugepage, p2pmem mappings) and owned buffers.
+//!
+//! The memory of a region is shared with the NIC (and, with remote rights, with the peer), so
+//! this API never hands out Rust references into it: data moves in and out by copy
+//! ([`MemoryRegion::read_at`], [`MemoryRegion::write_at`]) or through raw pointers.
+
+use std::alloc::Layout;
+use std::sync::Arc;
+
+use rdma_sys::*;
+
+use crate::access::Access;
+use crate::error::{mapping_path, reg_mr_error, Error, MemoryKind, Result};
+use crate::pd::ProtectionDomain;
+
+/// A registered memory region. Cheap to clone; work requests hold a clone while in flight, so
+/// the region (and the memory it owns) stays alive until their completions are reaped.
+#[derive(Clone)]
+pub struct MemoryRegion {
+    pub(crate) inner: Arc<MrInner>,
+}
+
+pub(crate) struct MrInner {
+    mr: *mut ibv_mr,
+    addr: usize,
+    len: usize,
+    access: Access,
+    pd: ProtectionDomain,
+    /// Keeps the memory alive until after deregistration (owned buffers, mapping guards).
+    owner: Option<Box<dyn Send + Sync>>,
+}
+
+// SAFETY: the ibv_mr is only read after creation; the memory is accessed through copies.
+unsafe impl Send for MrInner {}
+// SAFETY: as above.
+unsafe impl Sync for MrInner {}
+
+impl Drop for MrInner {
+    fn drop(&mut self) {
+        // SAFETY: mr came from ibv_reg_mr* and is deregistered once; no WR holds us any more.
+        let rc = unsafe { ibv_dereg_mr(self.mr) };
+        if rc != 0 {
+            tracing::warn!(errno = rc, "ibv_dereg_mr failed");
+        }
+        // `owner` (the memory) is dropped after this, never before.
+        drop(self.owner.take());
+    }
+}
+
+/// A page-aligned zeroed heap buffer owned by a region.
+struct AlignedBuf {
+    ptr: *mut u8,
+    layout: Layout,
+}
+// SAFETY: a plain owned allocation.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: as above.
+unsafe impl Sync for AlignedBuf {}
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated with this layout in `MemoryRegion::alloc`.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) };
+    }
+}
+
+/// Where a peer may access a buffer: what goes into a buffer advertisement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteBuf {
+    pub addr: u64,
+    pub len: u32,
+    pub rkey: u32,
+}
+
+impl RemoteBuf {
+    /// The sub-range `[offset, offset+len)` of this remote buffer (not checked: the peer's NIC
+    /// checks it, and an out-of-range access completes with a remote access error).
+    pub fn slice(&self, offset: u64, len: u32) -> RemoteBuf {
+        RemoteBuf {
+            addr: self.addr + offset,
+            len,
+            rkey: self.rkey,
+        }
+    }
+}
+
+impl MemoryRegion {
+    /// Registers `len` bytes at `ptr`.
+    ///
+    /// `kind` says whether this is peer (p2pmem) memory; with [`MemoryKind::Detect`] the
+    /// mapping is looked up in /proc/self/maps when registration fails.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must stay mapped and must not be freed or remapped until this region and
+    /// every clone of it are dropped (work requests in flight hold clones until their
+    /// completions are reaped). The memory is shared with the NIC: concurrent DMA may change it
+    /// at any time, so the caller must not hold Rust references into it while it can be
+    /// written by the NIC or the peer.
+    ///
+    /// # Errors
+    /// * `PeerMemoryNotPinnable` when the kernel cannot pin peer memory (EFAULT/EREMOTEIO on a
+    ///   p2pmem mapping): use /dev/p2pmemN rather than sysfs `allocate`, or a patched kernel.
+    /// * `Verbs { op: "ibv_reg_mr", errno }`: EFAULT range not mapped, ENOMEM memlock limit,
+    ///   EINVAL bad flags or zero length, EPERM no permission.
+    pub unsafe fn register_raw(
+        pd: &ProtectionDomain,
+        ptr: *mut u8,
+        len: usize,
+        access: Access,
+        kind: MemoryKind,
+    ) -> Result<MemoryRegion> {
+        // SAFETY: forwarded to the caller's contract.
+        unsafe { Self::register_with_owner(pd, ptr, len, access, kind, None) }
+    }
+
+    /// Like [`register_raw`](Self::register_raw), and keeps `owner` (e.g. a mapping guard that
+    /// unmaps on drop) alive until after deregistration.
+    ///
+    /// # Safety
+    /// As for `register_raw`, except the memory only needs to stay valid while `owner` lives.
+    ///
+    /// # Errors
+    /// As for `register_raw`.
+    pub unsafe fn register_with_owner(
+        pd: &ProtectionDomain,
+        ptr: *mut u8,
+        len: usize,
+        access: Access,
+        kind: MemoryKind,
+        owner: Option<Box<dyn Send + Sync>>,
+    ) -> Result<MemoryRegion> {
+        if len == 0 {
+            return Err(Error::InvalidArgument {
+                op: "ibv_reg_mr",
+                reason: "zero length".into(),
+            });
+        }
+        // SAFETY: valid PD; the range is the caller's responsibility.
+        let mr = unsafe { ibv_reg_mr(pd.raw(), ptr.cast(), len, access.bits() as i32) };
+        if mr.is_null() {
+            let errno = crate::error::last_errno();
+            let mapping = match kind {
+                MemoryKind::Host => None,
+                _ => mapping_path(ptr as usize),
+            };
+            return Err(reg_mr_error(errno, kind, ptr as usize, len, mapping));
+        }
+        Ok(MemoryRegion {
+            inner: Arc::new(MrInner {
+                mr,
+                addr: ptr as usize,
+                len,
+                access,
+                pd: pd.clone(),
+                owner,
+            }),
+        })
+    }
+
+    /// Allocates a zeroed, page-aligned buffer of `len` bytes and registers it.
+    ///
+    /// # Errors
+    /// As for [`register_raw`](Self::register_raw); `InvalidArgument` for zero length.
+    pub fn alloc(pd: &ProtectionDomain, len: usize, access: Access) -> Result<MemoryRegion> {
+        let layout =
+            Layout::from_size_align(len.max(1), 4096).map_err(|e| Error::InvalidArgument {
+                op: "MemoryRegion::alloc",
+                reason: e.to_string(),
+            })?;
+        if len == 0 {
+            return Err(Error::InvalidArgument {
+                op: "ibv_reg_mr",
+                reason: "zero length".into(),
+            });
+        }
+        // SAFETY: non-zero size layout.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            return Err(Error::Verbs {
+                op: "alloc",
+                errno: libc::ENOMEM,
+            });
+        }
+        let owner = AlignedBuf { ptr, layout };
+        // SAFETY: the buffer is owned by the region and freed after deregistration.
+        unsafe {
+            Self::register_with_owner(
+                pd,
+                ptr,
+                len,
+                access,
+                MemoryKind::Host,
+                Some(Box::new(owner)),
+            )
+        }
+    }
+
+    /// Registers an owned `Vec<u8>` (moved into the region).
+    ///
+    /// # Errors
+    /// As for [`alloc`](Self::alloc).
+    pub fn from_vec(pd: &ProtectionDomain, mut v: Vec<u8>, access: Access) -> Result<MemoryRegion> {
+        let ptr = v.as_mut_ptr();
+        let len = v.len();
+        // SAFETY: the Vec's heap buffer does not move when the Vec is moved into the box, and
+        // it is dropped after deregistration.
+        unsafe {
+            Self::register_with_owner(pd, ptr, len, access, MemoryKind::Host, Some(Box::new(v)))
+        }
+    }
+
+    /// Registers a dma-buf (`ibv_reg_dmabuf_mr`): `len` bytes at `offset` in dma-buf `fd`,
+    /// addressed by the peer as `iova`.
+    ///
+    /// # Safety
+    /// `fd` must be a dma-buf that stays valid while the region lives.
+    ///
+    /// # Errors
+    /// `Unsupported` when the device has no dma-buf support (rxe: EOPNOTSUPP/EPROTONOSUPPORT);
+    /// `Verbs { op: "ibv_reg_dmabuf_mr" }` otherwise (EBADF: not a dma-buf).
+    pub unsafe fn register_dmabuf(
+        pd: &ProtectionDomain,
+        fd: i32,
+        offset: u64,
+        len: usize,
+        iova: u64,
+        access: Access,
+    ) -> Result<MemoryRegion> {
+        // SAFETY: valid PD; fd validity is the caller's contract.
+        let mr =
+            unsafe { ibv_reg_dmabuf_mr(pd.raw(), offset, len, iova, fd, access.bits() as i32) };
+        if mr.is_null() {
+            let errno = crate::error::last_errno();
+            if matches!(
+                errno,
+                libc::EOPNOTSUPP | libc::EPROTONOSUPPORT | libc::ENOSYS
+            ) {
+                return Err(Error::Unsupported {
+                    op: "ibv_reg_dmabuf_mr",
+                    device: pd.context().name().to_string(),
+                    reason: format!(
+                        "the driver cannot register dma-buf memory (errno {errno}); register a \
+                         CPU mapping with MemoryRegion::register_raw instead"
+                    ),
+                });
+            }
+            return Err(Error::Verbs {
+                op: "ibv_reg_dmabuf_mr",
+                errno,
+            });
+        }
+        Ok(MemoryRegion {
+            inner: Arc::new(MrInner {
+                mr,
+                addr: iova as usize,
+                len,
+                access,
+                pd: pd.clone(),
+                owner: None,
+            }),
+        })
+    }
+
+    /// Start address (also the address peers use: regions are registered with iova = address).
+    pub fn addr(&self) -> u64 {
+        self.inner.addr as u64
+    }
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.inner.addr as *mut u8
+    }
+    pub fn len(&self) -> usize {
+        self.inner.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.inner.len == 0
+    }
+    pub fn lkey(&self) -> u32 {
+        // SAFETY: mr is valid while self lives; lkey is immutable.
+        unsafe { (*self.inner.mr).lkey }
+    }
+    pub fn rkey(&self) -> u32 {
+        // SAFETY: as above.
+        unsafe { (*self.inner.mr).rkey }
+    }
+    pub fn access(&self) -> Access {
+        self.inner.access
+    }
+    pub fn pd(&self) -> &ProtectionDomain {
+        &self.inner.pd
+    }
+    pub(crate) fn raw(&self) -> *mut ibv_mr {
+        self.inner.mr
+    }
+
+    /// The whole region as a remote buffer advertisement (meaningful with remote rights).
+    pub fn remote(&self) -> RemoteBuf {
+        RemoteBuf {
+            addr: self.addr(),
+            len: self.len() as u32,
+            rkey: self.rkey(),
+        }
+    }
+
+    fn check(&self, op: &'static str, offset: usize, len: usize) -> Result<()> {
+        if offset.checked_add(len).map_or(true, |end| end > self.len()) {
+            return Err(Error::InvalidArgument {
+                op,
+                reason: format!(
+                    "range {offset}+{len} outside region of {} bytes",
+                    self.len()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Copies bytes out of the region.
+    ///
+    /// # Errors
+    /// `InvalidArgument` if the range is outside the region.
+    pub fn read_at(&self, offset: usize, out: &mut [u8]) -> Result<()> {
+        self.check("MemoryRegion::read_at", offset, out.len())?;
+        // SAFETY: in bounds of a live registered range; a raw copy (no reference into memory
+        // that DMA may change concurrently).
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.as_ptr().add(offset), out.as_mut_ptr(), out.len())
+        };
+        Ok(())
+    }
+
+    /// Copies bytes into the region.
+    ///
+    /// # Errors
+    /// `InvalidArgument` if the range is outside the region.
+    pub fn write_at(&self, offset: usize, data: &[u8]) -> Result<()> {
+        self.check("MemoryRegion::write_at", offset, data.len())?;
+        // SAFETY: as in read_at.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.as_ptr().add(offset), data.len())
+        };
+        Ok(())
+    }
+
+    /// Copies the whole region into a new Vec.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = vec![0; self.len()];
+        self.read_at(0, &mut v).expect("whole region is in range");
+        v
+    }
+
+    /// Reads one byte with a volatile load (for polling memory the peer writes into).
+    ///
+    /// # Errors
+    /// `InvalidArgument` if out of range.
+    pub fn read_volatile(&self, offset: usize) -> Result<u8> {
+        self.check("MemoryRegion::read_volatile", offset, 1)?;
+        // SAFETY: in bounds; volatile so each poll really reads memory.
+        Ok(unsafe { std::ptr::read_volatile(self.as_ptr().add(offset)) })
+    }
+
+    /// A scatter/gather entry for `[offset, offset+len)` of this region.
+    ///
+    /// # Errors
+    /// `InvalidArgument` if the range is outside the region.
+    pub fn sge(&self, offset: usize, len: usize) -> Result<Sge> {
+        self.check("MemoryRegion::sge", offset, len)?;
+        Ok(Sge {
+            mr: self.clone(),
+            offset,
+            len: len as u32,
+        })
+    }
+
+    /// The whole region as one scatter/gather entry.
+    pub fn sge_all(&self) -> Sge {
+        Sge {
+            mr: self.clone(),
+            offset: 0,
+            len: self.len() as u32,
+        }
+    }
+}
+
+impl std::fmt::Debug for MemoryRegion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryRegion")
+            .field("addr", &format_args!("{:#x}", self.addr()))
+            .field("len", &self.len())
+            .field("lkey", &self.lkey())
+            .field("rkey", &self.rkey())
+            .field("access", &self.access())
+            .finish()
+    }
+}
+
+/// A scatter/gather entry: a checked range of a registered region (holds the region alive).
+#[derive(Clone, Debug)]
+pub struct Sge {
+    pub(crate) mr: MemoryRegion,
+    pub(crate) offset: usize,
+    pub(crate) len: u32,
+}
+
+impl Sge {
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn region(&self) -> &MemoryRegion {
+        &self.mr
+    }
+    pub(crate) fn raw(&self) -> ibv_sge {
+        ibv_sge {
+            addr: self.mr.addr() + self.offset as u64,
+            length: self.len,
+            lkey: self.mr.lkey(),
+        }
+    }
+}

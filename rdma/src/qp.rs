@@ -1,0 +1,656 @@
+//! RC queue pairs: posting work requests (chained, one doorbell per batch) with buffer
+//! ownership held until completion, and shared receive queues.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rdma_sys::*;
+
+use crate::cq::{Completion, CompletionQueue};
+use crate::error::{Error, Result};
+use crate::mr::MemoryRegion;
+use crate::mw::MemoryWindow;
+use crate::pd::ProtectionDomain;
+use crate::wr::{RecvRequest, SendOp, SendRequest};
+
+/// Queue sizes of a QP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QpCaps {
+    pub max_send_wr: u32,
+    pub max_recv_wr: u32,
+    pub max_send_sge: u32,
+    pub max_recv_sge: u32,
+    pub max_inline_data: u32,
+}
+
+impl Default for QpCaps {
+    fn default() -> QpCaps {
+        QpCaps {
+            max_send_wr: 64,
+            max_recv_wr: 64,
+            max_send_sge: 4,
+            max_recv_sge: 4,
+            max_inline_data: 64,
+        }
+    }
+}
+
+/// What a QP is made of: the PD and CQs must belong to the connection's device
+/// (`Connector::context()` / `ConnectRequest::context()`).
+#[derive(Clone)]
+pub struct QpInit {
+    pub pd: ProtectionDomain,
+    pub send_cq: CompletionQueue,
+    pub recv_cq: CompletionQueue,
+    pub srq: Option<SharedReceiveQueue>,
+    pub caps: QpCaps,
+}
+
+impl QpInit {
+    /// One CQ for both directions, default caps.
+    pub fn new(pd: &ProtectionDomain, cq: &CompletionQueue) -> QpInit {
+        QpInit {
+            pd: pd.clone(),
+            send_cq: cq.clone(),
+            recv_cq: cq.clone(),
+            srq: None,
+            caps: QpCaps::default(),
+        }
+    }
+    pub fn caps(mut self, caps: QpCaps) -> QpInit {
+        self.caps = caps;
+        self
+    }
+    pub fn srq(mut self, srq: &SharedReceiveQueue) -> QpInit {
+        self.srq = Some(srq.clone());
+        self
+    }
+    pub(crate) fn raw_attr(&self) -> ibv_qp_init_attr {
+        // SAFETY: plain C struct, zero is valid for every field.
+        let mut a: ibv_qp_init_attr = unsafe { std::mem::zeroed() };
+        a.send_cq = self.send_cq.raw();
+        a.recv_cq = self.recv_cq.raw();
+        a.srq = self.srq.as_ref().map_or(std::ptr::null_mut(), |s| s.raw());
+        a.qp_type = ibv_qp_type::IBV_QPT_RC;
+        a.cap.max_send_wr = self.caps.max_send_wr;
+        a.cap.max_recv_wr = if self.srq.is_some() {
+            0
+        } else {
+            self.caps.max_recv_wr
+        };
+        a.cap.max_send_sge = self.caps.max_send_sge;
+        a.cap.max_recv_sge = if self.srq.is_some() {
+            0
+        } else {
+            self.caps.max_recv_sge
+        };
+        a.cap.max_inline_data = self.caps.max_inline_data;
+        a
+    }
+}
+
+/// Buffers (and windows) a posted work request holds until its completion is reaped.
+pub(crate) struct InFlight {
+    wr_id: u64,
+    _regions: Vec<MemoryRegion>,
+    _window: Option<MemoryWindow>,
+}
+
+/// Per-QP state shared with the CQs (weakly) so reaping a completion releases its buffers.
+pub(crate) struct QpShared {
+    send: Mutex<VecDeque<InFlight>>,
+    recv: Mutex<VecDeque<InFlight>>,
+    srq: Option<SharedReceiveQueue>,
+    same_cq: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Removes the entry with `wr_id` (and, for the in-order send queue, everything before it:
+/// earlier unsignalled WRs are complete once a later one is). Returns whether it was found.
+fn release_in(q: &mut VecDeque<InFlight>, wr_id: u64, in_order: bool) -> bool {
+    match q.iter().position(|e| e.wr_id == wr_id) {
+        Some(pos) if in_order => {
+            q.drain(..=pos);
+            true
+        }
+        Some(pos) => {
+            q.remove(pos);
+            true
+        }
+        None => false,
+    }
+}
+
+impl QpShared {
+    pub(crate) fn release(&self, c: &Completion) {
+        let recv_side = if c.status == crate::WcStatus::Success {
+            c.opcode.is_recv()
+        } else if self.same_cq {
+            // error completions carry no opcode: a send WR if we have one with that id
+            !lock(&self.send).iter().any(|e| e.wr_id == c.wr_id)
+        } else {
+            false // decided by the caller's CQ role below
+        };
+        if recv_side {
+            match &self.srq {
+                Some(srq) => {
+                    release_in(&mut lock(&srq.inner.inflight), c.wr_id, false);
+                }
+                None => {
+                    release_in(&mut lock(&self.recv), c.wr_id, true);
+                }
+            }
+        } else if !release_in(&mut lock(&self.send), c.wr_id, true) && !self.same_cq {
+            // A separate recv CQ delivered an error completion: it is a receive.
+            match &self.srq {
+                Some(srq) => release_in(&mut lock(&srq.inner.inflight), c.wr_id, false),
+                None => release_in(&mut lock(&self.recv), c.wr_id, true),
+            };
+        }
+    }
+}
+
+/// Where a QP's verbs handle comes from (and how it is destroyed).
+pub(crate) enum QpOwner {
+    /// Created by rdma_create_qp on this cm id; destroyed with rdma_destroy_qp.
+    Cm(Arc<crate::cm::CmIdInner>),
+}
+
+/// A reliable-connected queue pair (created through rdma_cm: [`crate::Connector`] /
+/// [`crate::ConnectRequest`]).
+///
+/// Posting is thread-safe. Buffers named in a posted WR are held (by `MemoryRegion` clone)
+/// until its completion is reaped from the CQ, or the QP is destroyed.
+pub struct QueuePair {
+    qp: *mut ibv_qp,
+    shared: Arc<QpShared>,
+    owner: QpOwner,
+    init: QpInit,
+    caps: QpCaps,
+}
+// SAFETY: verbs QPs are thread-safe; the in-flight tables are behind mutexes.
+unsafe impl Send for QueuePair {}
+// SAFETY: as above.
+unsafe impl Sync for QueuePair {}
+
+impl Drop for QueuePair {
+    fn drop(&mut self) {
+        let QpOwner::Cm(id) = &self.owner;
+        // SAFETY: the QP was created on this id by rdma_create_qp; destroyed once. After this
+        // the NIC no longer touches the buffers of in-flight WRs, so releasing them is safe.
+        unsafe { rdma_destroy_qp(id.raw()) };
+        let num = self.qp_num();
+        for cq in [&self.init.send_cq, &self.init.recv_cq] {
+            lock(&cq.inner.qps).remove(&num);
+        }
+        lock(&self.shared.send).clear();
+        lock(&self.shared.recv).clear();
+    }
+}
+
+impl QueuePair {
+    /// Creates the QP on a cm id (its device must be the PD's).
+    pub(crate) fn create_on_cm(id: Arc<crate::cm::CmIdInner>, init: &QpInit) -> Result<QueuePair> {
+        let mut attr = init.raw_attr();
+        // SAFETY: valid id and PD; attr points to live CQs/SRQ which `init` keeps alive.
+        let rc = unsafe { rdma_create_qp(id.raw(), init.pd.raw(), &mut attr) };
+        if rc != 0 {
+            return Err(Error::from_ret("rdma_create_qp", rc));
+        }
+        // SAFETY: rdma_create_qp set id->qp.
+        let qp = unsafe { (*id.raw()).qp };
+        let caps = QpCaps {
+            max_send_wr: attr.cap.max_send_wr,
+            max_recv_wr: attr.cap.max_recv_wr,
+            max_send_sge: attr.cap.max_send_sge,
+            max_recv_sge: attr.cap.max_recv_sge,
+            max_inline_data: attr.cap.max_inline_data,
+        };
+        let shared = Arc::new(QpShared {
+            send: Mutex::new(VecDeque::new()),
+            recv: Mutex::new(VecDeque::new()),
+            srq: init.srq.clone(),
+            same_cq: Arc::ptr_eq(&init.send_cq.inner, &init.recv_cq.inner),
+        });
+        // SAFETY: qp valid.
+        let num = unsafe { (*qp).qp_num };
+        for cq in [&init.send_cq, &init.recv_cq] {
+            lock(&cq.inner.qps).insert(num, Arc::downgrade(&shared));
+        }
+        Ok(QueuePair {
+            qp,
+            shared,
+            owner: QpOwner::Cm(id),
+            init: init.clone(),
+            caps,
+        })
+    }
+
+    /// The QP number.
+    pub fn qp_num(&self) -> u32 {
+        // SAFETY: qp valid while self lives.
+        unsafe { (*self.qp).qp_num }
+    }
+
+    /// The capabilities the device granted (may exceed the request).
+    pub fn caps(&self) -> QpCaps {
+        self.caps
+    }
+
+    pub fn pd(&self) -> &ProtectionDomain {
+        &self.init.pd
+    }
+    pub fn send_cq(&self) -> &CompletionQueue {
+        &self.init.send_cq
+    }
+    pub fn recv_cq(&self) -> &CompletionQueue {
+        &self.init.recv_cq
+    }
+
+    /// Number of posted send WRs whose buffers are still held (not yet reaped).
+    pub fn send_in_flight(&self) -> usize {
+        lock(&self.shared.send).len()
+    }
+    /// Number of posted receive WRs not yet reaped.
+    pub fn recv_in_flight(&self) -> usize {
+        lock(&self.shared.recv).len()
+    }
+
+    /// Posts a chain of send WRs with one `ibv_post_send` (one doorbell).
+    ///
+    /// On error nothing from the first failing WR on was posted (earlier ones were).
+    ///
+    /// # Errors
+    /// * `InvalidArgument`: more SGEs than `max_send_sge`, inline data larger than
+    ///   `max_inline_data`, a region from another PD.
+    /// * `Verbs { op: "ibv_post_send", errno }`: ENOMEM send queue full (reap completions,
+    ///   signal more often), EINVAL bad WR for the QP state (not connected / error state).
+    pub fn post_send(&self, wrs: &[SendRequest]) -> Result<()> {
+        if wrs.is_empty() {
+            return Ok(());
+        }
+        let nsge: usize = wrs.iter().map(|w| w.sges.len().max(1)).sum();
+        let mut sges: Vec<ibv_sge> = Vec::with_capacity(nsge);
+        // SAFETY: ibv_send_wr is plain C data; zero is valid.
+        let mut raw: Vec<ibv_send_wr> = (0..wrs.len())
+            .map(|_| unsafe { std::mem::zeroed() })
+            .collect();
+        let mut keep: Vec<InFlight> = Vec::with_capacity(wrs.len());
+        let mut binds: Vec<(usize, MemoryWindow, u32)> = Vec::new();
+        for w in wrs {
+            self.check_send(w)?;
+            if let Some(data) = &w.inline {
+                sges.push(ibv_sge {
+                    addr: data.as_ptr() as u64,
+                    length: data.len() as u32,
+                    lkey: 0,
+                });
+            } else {
+                sges.extend(w.sges.iter().map(|s| s.raw()));
+            }
+        }
+        let mut sge_at = 0usize;
+        for (i, w) in wrs.iter().enumerate() {
+            let n = if w.inline.is_some() { 1 } else { w.sges.len() };
+            let r = &mut raw[i];
+            r.wr_id = w.wr_id;
+            r.num_sge = n as i32;
+            r.sg_list = if n == 0 {
+                std::ptr::null_mut()
+            } else {
+                sges[sge_at..].as_mut_ptr()
+            };
+            sge_at += n;
+            let mut flags = 0u32;
+            if w.signaled {
+                flags |= ibv_send_flags::IBV_SEND_SIGNALED.0;
+            }
+            if w.fence {
+                flags |= ibv_send_flags::IBV_SEND_FENCE.0;
+            }
+            if w.solicited {
+                flags |= ibv_send_flags::IBV_SEND_SOLICITED.0;
+            }
+            if w.inline.is_some() {
+                flags |= ibv_send_flags::IBV_SEND_INLINE.0;
+            }
+            r.send_flags = flags;
+            let mut window = None;
+            match &w.op {
+                SendOp::Send => r.opcode = ibv_wr_opcode::IBV_WR_SEND,
+                SendOp::SendWithImm(imm) => {
+                    r.opcode = ibv_wr_opcode::IBV_WR_SEND_WITH_IMM;
+                    r.imm_data_invalidated_rkey_union.imm_data = imm.to_be();
+                }
+                SendOp::SendWithInv(rkey) => {
+                    r.opcode = ibv_wr_opcode::IBV_WR_SEND_WITH_INV;
+                    r.imm_data_invalidated_rkey_union.invalidated_rkey = *rkey;
+                }
+                SendOp::Write(rb) => {
+                    r.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE;
+                    r.wr.rdma = rdma_t {
+                        remote_addr: rb.addr,
+                        rkey: rb.rkey,
+                    };
+                }
+                SendOp::WriteWithImm(rb, imm) => {
+                    r.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM;
+                    r.wr.rdma = rdma_t {
+                        remote_addr: rb.addr,
+                        rkey: rb.rkey,
+                    };
+                    r.imm_data_invalidated_rkey_union.imm_data = imm.to_be();
+                }
+                SendOp::Read(rb) => {
+                    r.opcode = ibv_wr_opcode::IBV_WR_RDMA_READ;
+                    r.wr.rdma = rdma_t {
+                        remote_addr: rb.addr,
+                        rkey: rb.rkey,
+                    };
+                }
+                SendOp::LocalInv(rkey) => {
+                    r.opcode = ibv_wr_opcode::IBV_WR_LOCAL_INV;
+                    r.imm_data_invalidated_rkey_union.invalidated_rkey = *rkey;
+                }
+                SendOp::BindWindow {
+                    window: mw,
+                    mr,
+                    offset,
+                    len,
+                    access,
+                } => {
+                    r.opcode = ibv_wr_opcode::IBV_WR_BIND_MW;
+                    let (_, next) = mw.next_rkey();
+                    r.bind_mw_tso_union.bind_mw = bind_mw_t {
+                        mw: mw.raw(),
+                        rkey: next,
+                        bind_info: ibv_mw_bind_info {
+                            mr: mr.raw(),
+                            addr: mr.addr() + offset,
+                            length: *len,
+                            mw_access_flags: access.bits(),
+                        },
+                    };
+                    binds.push((i, mw.clone(), next));
+                    window = Some(mw.clone());
+                }
+            }
+            let mut regions: Vec<MemoryRegion> = w.sges.iter().map(|s| s.mr.clone()).collect();
+            if let SendOp::BindWindow { mr, .. } = &w.op {
+                regions.push(mr.clone());
+            }
+            keep.push(InFlight {
+                wr_id: w.wr_id,
+                _regions: regions,
+                _window: window,
+            });
+        }
+        for i in 0..raw.len().saturating_sub(1) {
+            let next: *mut ibv_send_wr = &mut raw[i + 1];
+            raw[i].next = next;
+        }
+        let mut q = lock(&self.shared.send);
+        let before = q.len();
+        q.extend(keep);
+        let mut bad: *mut ibv_send_wr = std::ptr::null_mut();
+        // SAFETY: the chain, its SGLs and inline data live until the call returns; the
+        // memory the SGEs name is kept alive by the in-flight entries just recorded.
+        let rc = unsafe { ibv_post_send(self.qp, raw.as_mut_ptr(), &mut bad) };
+        if rc != 0 {
+            let posted = if bad.is_null() {
+                0
+            } else {
+                // SAFETY: bad points into `raw`.
+                unsafe { bad.offset_from(raw.as_ptr()) as usize }
+            };
+            q.truncate(before + posted);
+            // binds before the failing WR were posted: their windows now have the new key
+            for (_, mw, key) in binds.into_iter().filter(|b| b.0 < posted) {
+                mw.set_rkey(key);
+            }
+            return Err(Error::from_ret("ibv_post_send", rc));
+        }
+        drop(q);
+        for (_, mw, key) in binds {
+            mw.set_rkey(key);
+        }
+        Ok(())
+    }
+
+    fn check_send(&self, w: &SendRequest) -> Result<()> {
+        if let Some(d) = &w.inline {
+            if d.len() > self.caps.max_inline_data as usize {
+                return Err(Error::InvalidArgument {
+                    op: "ibv_post_send",
+                    reason: format!(
+                        "{} bytes inline exceed this QP's max_inline_data {}",
+                        d.len(),
+                        self.caps.max_inline_data
+                    ),
+                });
+            }
+            if matches!(w.op, SendOp::Read(_)) {
+                return Err(Error::InvalidArgument {
+                    op: "ibv_post_send",
+                    reason: "RDMA READ cannot be inline".into(),
+                });
+            }
+        } else if w.sges.len() > self.caps.max_send_sge as usize {
+            return Err(Error::InvalidArgument {
+                op: "ibv_post_send",
+                reason: format!(
+                    "{} SGEs exceed max_send_sge {}",
+                    w.sges.len(),
+                    self.caps.max_send_sge
+                ),
+            });
+        }
+        self.check_pd(w.sges.iter().map(|s| &s.mr))
+    }
+
+    fn check_pd<'a>(&self, mrs: impl Iterator<Item = &'a MemoryRegion>) -> Result<()> {
+        for mr in mrs {
+            if !Arc::ptr_eq(&mr.pd().inner, &self.init.pd.inner) {
+                return Err(Error::InvalidArgument {
+                    op: "post work request",
+                    reason: "a memory region belongs to another protection domain".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Posts a chain of receive WRs with one `ibv_post_recv`.
+    ///
+    /// # Errors
+    /// `InvalidArgument` if the QP uses an SRQ (post there) or too many SGEs;
+    /// `Verbs { op: "ibv_post_recv" }`: ENOMEM receive queue full.
+    pub fn post_recv(&self, wrs: &[RecvRequest]) -> Result<()> {
+        if self.shared.srq.is_some() {
+            return Err(Error::InvalidArgument {
+                op: "ibv_post_recv",
+                reason: "this QP takes receives from its shared receive queue".into(),
+            });
+        }
+        for w in wrs {
+            if w.sges.len() > self.caps.max_recv_sge as usize {
+                return Err(Error::InvalidArgument {
+                    op: "ibv_post_recv",
+                    reason: format!(
+                        "{} SGEs exceed max_recv_sge {}",
+                        w.sges.len(),
+                        self.caps.max_recv_sge
+                    ),
+                });
+            }
+            self.check_pd(w.sges.iter().map(|s| &s.mr))?;
+        }
+        post_recv_chain(
+            wrs,
+            &self.shared.recv,
+            |wr, bad| {
+                // SAFETY: valid QP; chain valid for the call.
+                unsafe { ibv_post_recv(self.qp, wr, bad) }
+            },
+            "ibv_post_recv",
+        )
+    }
+}
+
+fn post_recv_chain(
+    wrs: &[RecvRequest],
+    table: &Mutex<VecDeque<InFlight>>,
+    post: impl FnOnce(*mut ibv_recv_wr, *mut *mut ibv_recv_wr) -> i32,
+    op: &'static str,
+) -> Result<()> {
+    if wrs.is_empty() {
+        return Ok(());
+    }
+    let mut sges: Vec<ibv_sge> = wrs
+        .iter()
+        .flat_map(|w| w.sges.iter().map(|s| s.raw()))
+        .collect();
+    // SAFETY: plain C struct; zero is valid.
+    let mut raw: Vec<ibv_recv_wr> = (0..wrs.len())
+        .map(|_| unsafe { std::mem::zeroed() })
+        .collect();
+    let mut at = 0;
+    for (i, w) in wrs.iter().enumerate() {
+        raw[i].wr_id = w.wr_id;
+        raw[i].num_sge = w.sges.len() as i32;
+        raw[i].sg_list = if w.sges.is_empty() {
+            std::ptr::null_mut()
+        } else {
+            sges[at..].as_mut_ptr()
+        };
+        at += w.sges.len();
+    }
+    for i in 0..raw.len() - 1 {
+        let next: *mut ibv_recv_wr = &mut raw[i + 1];
+        raw[i].next = next;
+    }
+    let mut q = lock(table);
+    let before = q.len();
+    q.extend(wrs.iter().map(|w| InFlight {
+        wr_id: w.wr_id,
+        _regions: w.sges.iter().map(|s| s.mr.clone()).collect(),
+        _window: None,
+    }));
+    let mut bad: *mut ibv_recv_wr = std::ptr::null_mut();
+    let rc = post(raw.as_mut_ptr(), &mut bad);
+    if rc != 0 {
+        let posted = if bad.is_null() {
+            0
+        } else {
+            // SAFETY: bad points into `raw`.
+            unsafe { bad.offset_from(raw.as_ptr()) as usize }
+        };
+        q.truncate(before + posted);
+        return Err(Error::from_ret(op, rc));
+    }
+    Ok(())
+}
+
+/// A shared receive queue: one pool of receive buffers for many QPs. Cheap to clone.
+#[derive(Clone)]
+pub struct SharedReceiveQueue {
+    pub(crate) inner: Arc<SrqInner>,
+}
+
+pub(crate) struct SrqInner {
+    srq: *mut ibv_srq,
+    pub(crate) inflight: Mutex<VecDeque<InFlight>>,
+    pd: ProtectionDomain,
+    max_sge: u32,
+}
+// SAFETY: verbs SRQs are thread-safe; the table is behind a mutex.
+unsafe impl Send for SrqInner {}
+// SAFETY: as above.
+unsafe impl Sync for SrqInner {}
+
+impl Drop for SrqInner {
+    fn drop(&mut self) {
+        // SAFETY: created by ibv_create_srq, destroyed once; QPs using it hold an Arc.
+        let rc = unsafe { ibv_destroy_srq(self.srq) };
+        if rc != 0 {
+            tracing::warn!(errno = rc, "ibv_destroy_srq failed");
+        }
+        lock(&self.inflight).clear();
+    }
+}
+
+impl SharedReceiveQueue {
+    /// Creates an SRQ holding up to `max_wr` receives of up to `max_sge` entries.
+    ///
+    /// # Errors
+    /// `Verbs { op: "ibv_create_srq" }`: EINVAL beyond the device's max_srq_wr / max_sge.
+    pub fn new(pd: &ProtectionDomain, max_wr: u32, max_sge: u32) -> Result<SharedReceiveQueue> {
+        // SAFETY: plain C struct.
+        let mut attr: ibv_srq_init_attr = unsafe { std::mem::zeroed() };
+        attr.attr.max_wr = max_wr;
+        attr.attr.max_sge = max_sge;
+        // SAFETY: valid PD and attr.
+        let srq = unsafe { ibv_create_srq(pd.raw(), &mut attr) };
+        if srq.is_null() {
+            return Err(Error::last_os("ibv_create_srq"));
+        }
+        Ok(SharedReceiveQueue {
+            inner: Arc::new(SrqInner {
+                srq,
+                inflight: Mutex::new(VecDeque::new()),
+                pd: pd.clone(),
+                max_sge,
+            }),
+        })
+    }
+
+    pub(crate) fn raw(&self) -> *mut ibv_srq {
+        self.inner.srq
+    }
+
+    /// Receives posted and not yet reaped.
+    pub fn in_flight(&self) -> usize {
+        lock(&self.inner.inflight).len()
+    }
+
+    /// Posts receives (one doorbell).
+    ///
+    /// # Errors
+    /// `InvalidArgument` for too many SGEs or a region of another PD;
+    /// `Verbs { op: "ibv_post_srq_recv" }`: ENOMEM queue full.
+    pub fn post_recv(&self, wrs: &[RecvRequest]) -> Result<()> {
+        for w in wrs {
+            if w.sges.len() > self.inner.max_sge as usize {
+                return Err(Error::InvalidArgument {
+                    op: "ibv_post_srq_recv",
+                    reason: format!(
+                        "{} SGEs exceed the SRQ's max_sge {}",
+                        w.sges.len(),
+                        self.inner.max_sge
+                    ),
+                });
+            }
+            if w.sges
+                .iter()
+                .any(|s| !Arc::ptr_eq(&s.mr.pd().inner, &self.inner.pd.inner))
+            {
+                return Err(Error::InvalidArgument {
+                    op: "ibv_post_srq_recv",
+                    reason: "a memory region belongs to another protection domain".into(),
+                });
+            }
+        }
+        post_recv_chain(
+            wrs,
+            &self.inner.inflight,
+            |wr, bad| {
+                // SAFETY: valid SRQ; chain valid for the call.
+                unsafe { ibv_post_srq_recv(self.inner.srq, wr, bad) }
+            },
+            "ibv_post_srq_recv",
+        )
+    }
+}
