@@ -10,7 +10,7 @@ use std::ffi::CStr;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -162,59 +162,11 @@ enum Iface {
     Sysfs,
 }
 
-/// A fresh p2pmem allocation: every mmap of either interface allocates from the provider.
-struct P2pMap {
-    ptr: *mut u8,
-    len: usize,
-    _file: File,
-}
-
-impl P2pMap {
-    fn new(iface: Iface, len: usize) -> P2pMap {
-        let path = match iface {
-            Iface::CharDev => PathBuf::from("/dev/p2pmem0"),
-            Iface::Sysfs => sysfs_providers()[0].join("allocate"),
-        };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        // SAFETY: a fresh shared mapping of a device file; no Rust object aliases it.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(
-            ptr,
-            libc::MAP_FAILED,
-            "mmap {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        );
-        P2pMap {
-            ptr: ptr.cast(),
-            len,
-            _file: file,
-        }
-    }
-
-    fn bytes(&mut self) -> &mut [u8] {
-        // SAFETY: the mapping is live for self's lifetime and only reachable through self.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-}
-
-impl Drop for P2pMap {
-    fn drop(&mut self) {
-        // SAFETY: unmapping our own mapping; nothing borrows it past self.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+/// A fresh p2pmem allocation through `iface`.
+fn p2p_map(iface: Iface, len: usize) -> P2pMap {
+    match iface {
+        Iface::CharDev => P2pMap::new(Path::new("/dev/p2pmem0"), len),
+        Iface::Sysfs => P2pMap::new(&sysfs_allocate(), len),
     }
 }
 
@@ -268,7 +220,7 @@ fn write_block_dev(drive: &Drive, data: &[u8]) {
 }
 
 fn cpu_access(iface: Iface) {
-    let mut m = P2pMap::new(iface, MIB);
+    let mut m = p2p_map(iface, MIB);
     let p = pattern(7);
     for chunk in m.bytes().chunks_mut(IO_BYTES) {
         chunk.copy_from_slice(&p);
@@ -280,7 +232,7 @@ fn o_direct_pread(iface: Iface) {
     let drive = drive("data1");
     let p = pattern(0x5a);
     write_block_dev(&drive, &p);
-    let mut m = P2pMap::new(iface, MIB);
+    let mut m = p2p_map(iface, MIB);
     m.bytes().fill(0);
     let f = OpenOptions::new()
         .read(true)
@@ -288,7 +240,7 @@ fn o_direct_pread(iface: Iface) {
         .open(&drive.block)
         .unwrap();
     // SAFETY: m maps at least IO_BYTES bytes and outlives the call.
-    let n = unsafe { libc::pread(f.as_raw_fd(), m.ptr.cast(), IO_BYTES, 0) };
+    let n = unsafe { libc::pread(f.as_raw_fd(), m.as_mut_ptr().cast(), IO_BYTES, 0) };
     assert_eq!(n, IO_BYTES as isize, "{}", std::io::Error::last_os_error());
     assert_eq!(&m.bytes()[..IO_BYTES], p.as_slice());
 }
@@ -303,7 +255,7 @@ fn passthrough_read(iface: Iface) {
     let drive = drive("data1");
     let p = pattern(0xc3);
     write_block_dev(&drive, &p);
-    let mut m = P2pMap::new(iface, MIB);
+    let mut m = p2p_map(iface, MIB);
     m.bytes().fill(0);
 
     let ng = File::open(&drive.ng).unwrap();
@@ -321,7 +273,7 @@ fn passthrough_read(iface: Iface) {
     let mut cmd = [0u8; 80];
     cmd[0] = 0x02; // NVMe Read
     cmd[4..8].copy_from_slice(&(nsid as u32).to_le_bytes());
-    cmd[24..32].copy_from_slice(&(m.ptr as u64).to_le_bytes());
+    cmd[24..32].copy_from_slice(&(m.as_mut_ptr() as u64).to_le_bytes());
     cmd[36..40].copy_from_slice(&(IO_BYTES as u32).to_le_bytes());
     // cdw10/11 = starting LBA 0; cdw12 = number of LBAs - 1.
     cmd[48..52].copy_from_slice(&(nlb - 1).to_le_bytes());
@@ -348,7 +300,7 @@ fn passthrough_read(iface: Iface) {
 /// `ibv_reg_mr` on rxe0 over a p2pmem mapping: Ok, or the errno.
 fn reg_mr(iface: Iface) -> Result<(), i32> {
     use rdma_sys::*;
-    let m = P2pMap::new(iface, MIB);
+    let mut m = p2p_map(iface, MIB);
     // SAFETY: plain verbs calls on objects created and destroyed here, in order.
     unsafe {
         let mut n = 0;
@@ -367,7 +319,7 @@ fn reg_mr(iface: Iface) -> Result<(), i32> {
             | ibv_access_flags::IBV_ACCESS_REMOTE_WRITE
             | ibv_access_flags::IBV_ACCESS_REMOTE_READ)
             .0 as i32;
-        let mr = ibv_reg_mr(pd, m.ptr.cast(), m.len, access);
+        let mr = ibv_reg_mr(pd, m.as_mut_ptr().cast(), m.len(), access);
         let result = if mr.is_null() {
             Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
         } else {
@@ -382,11 +334,11 @@ fn reg_mr(iface: Iface) -> Result<(), i32> {
 
 /// `io_uring_register_buffers` over a p2pmem mapping: Ok, or the errno.
 fn register_buffer(iface: Iface) -> Result<(), i32> {
-    let m = P2pMap::new(iface, MIB);
+    let mut m = p2p_map(iface, MIB);
     let ring = io_uring::IoUring::new(4).unwrap();
     let iov = libc::iovec {
-        iov_base: m.ptr.cast(),
-        iov_len: m.len,
+        iov_base: m.as_mut_ptr().cast(),
+        iov_len: m.len(),
     };
     // SAFETY: the mapping outlives the registration (unregistered when the ring drops first).
     let r = unsafe { ring.submitter().register_buffers(&[iov]) };
@@ -447,8 +399,8 @@ fn p2pmem_available_returns_after_unmap() {
     let avail = || read_u64(sysfs_providers()[0].join("available"));
     let before = avail();
     {
-        let _a = P2pMap::new(Iface::CharDev, 4 * MIB);
-        let _b = P2pMap::new(Iface::Sysfs, 2 * MIB);
+        let _a = p2p_map(Iface::CharDev, 4 * MIB);
+        let _b = p2p_map(Iface::Sysfs, 2 * MIB);
         assert_eq!(avail(), before - 6 * MIB as u64);
     }
     assert_eq!(avail(), before);

@@ -2,14 +2,13 @@
 //! verified through the block device (O_DIRECT pread/pwrite), validation and decoded NVMe
 //! statuses, p2pmem buffers, IOPOLL and fixed buffers.
 
-use peerpipe_testbed::{drive, drives, require_testbed, Drive};
+use peerpipe_testbed::{drive, drives, require_testbed, sysfs_allocate, Drive, P2pMap};
 use peerpipe_uring::status::sc;
 use peerpipe_uring::{
     AlignedBuf, Error, Feature, FileOptions, FileTarget, IoBuf, Namespace, NvmeCommand, OpKind,
     Ring, TargetId,
 };
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 
@@ -359,72 +358,19 @@ fn testbed_uring_out_of_range_and_oversize_rejected_then_decoded_when_forced() {
 }
 
 /// A p2pmem mapping as an I/O buffer (what the root crate adapts from p2p-alloc).
-struct P2pMap {
-    ptr: *mut u8,
-    len: usize,
-    _file: File,
-}
-
-impl P2pMap {
-    fn new(path: PathBuf, len: usize) -> P2pMap {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        // SAFETY: a fresh shared mapping of a device file, only reachable through this value.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(
-            ptr,
-            libc::MAP_FAILED,
-            "mmap {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        );
-        P2pMap {
-            ptr: ptr.cast(),
-            len,
-            _file: file,
-        }
-    }
-}
-
-impl Drop for P2pMap {
-    fn drop(&mut self) {
-        // SAFETY: our own mapping; the ring gave the value back, so no I/O uses it.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
+struct P2pBuf(P2pMap);
 
 // SAFETY: the mapping lives as long as the value and does not move with it.
-unsafe impl IoBuf for P2pMap {
+unsafe impl IoBuf for P2pBuf {
     fn as_ptr(&self) -> *const u8 {
-        self.ptr
+        self.0.as_ptr()
     }
     fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.ptr
+        self.0.as_mut_ptr()
     }
     fn len(&self) -> usize {
-        self.len
+        self.0.len()
     }
-}
-
-fn sysfs_allocate() -> PathBuf {
-    std::fs::read_dir("/sys/bus/pci/devices")
-        .unwrap()
-        .flatten()
-        .map(|e| e.path().join("p2pmem/allocate"))
-        .find(|p| p.exists())
-        .expect("a p2pmem provider")
 }
 
 fn p2pmem_read(path: PathBuf, expect_errno: i32) {
@@ -433,7 +379,7 @@ fn p2pmem_read(path: PathBuf, expect_errno: i32) {
     let len = 256 * 1024;
     let data = pattern(len, 77);
     block_write(&d, BASE + 16 * MIB, &data);
-    let mut map = P2pMap::new(path.clone(), len);
+    let mut map = P2pBuf(P2pMap::new(&path, len));
     // Registration fails on this kernel; the ring reports it and uses the address unregistered.
     // SAFETY: the mapping outlives the ring's use of it (the ring is dropped first below).
     let e = unsafe { ring.register_buffer(map.as_mut_ptr(), len) }.unwrap_err();

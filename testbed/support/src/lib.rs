@@ -124,3 +124,90 @@ pub fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stderr)
     )
 }
+
+/// The sysfs `p2pmem/allocate` attribute of the (first) p2pmem provider.
+pub fn sysfs_allocate() -> PathBuf {
+    let mut v: Vec<PathBuf> = std::fs::read_dir("/sys/bus/pci/devices")
+        .expect("sysfs")
+        .flatten()
+        .map(|e| e.path().join("p2pmem/allocate"))
+        .filter(|p| p.exists())
+        .collect();
+    v.sort();
+    v.into_iter().next().expect("a p2pmem provider")
+}
+
+/// A fresh p2pmem allocation: a shared read-write mapping of `/dev/p2pmemN` or of a sysfs
+/// `allocate` attribute (every mmap of either allocates from the provider), unmapped on drop.
+/// Tests use it to reach the kernel directly, without the library's allocator.
+pub struct P2pMap {
+    ptr: *mut u8,
+    len: usize,
+    _file: std::fs::File,
+}
+
+// SAFETY: the mapping is owned by the value and reachable only through it.
+unsafe impl Send for P2pMap {}
+
+impl P2pMap {
+    /// Maps `len` bytes of `path`; panics (fails the test) with the errno if mmap fails.
+    pub fn new(path: &Path, len: usize) -> P2pMap {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        // SAFETY: a fresh shared mapping of a device file; no Rust object aliases it.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(
+            ptr,
+            libc::MAP_FAILED,
+            "mmap {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+        P2pMap {
+            ptr: ptr.cast(),
+            len,
+            _file: file,
+        }
+    }
+
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr
+    }
+
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping is live for self's lifetime and only reachable through self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for P2pMap {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mapping; nothing borrows it past self.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
