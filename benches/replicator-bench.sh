@@ -1,0 +1,76 @@
+#!/bin/bash
+# Replicator throughput vs. the bottleneck bound, all in one testbed VM run:
+#   cargo build --release -p peerpipe --example replicator
+#   cargo xtask vm -- bash benches/replicator-bench.sh            # SIZE=256M RUNS=3 for the full run
+# Prints a markdown table: fio read of the source, ib_write_bw -R between rxe0/rxe1, fio write
+# (+fsync at the end) of the target, all at block size BS and depth WINDOW; then the replicator
+# in each mode to 1 and 2 replicas (medians of RUNS runs; MB/s, CPU s per GiB, bytes copied).
+set -u
+BIN=${BIN:-target/release/examples/replicator}
+SIZE=${SIZE:-32M}; BS=${BS:-64K}; WINDOW=${WINDOW:-16}; RUNS=${RUNS:-1}
+MODES=${MODES:-"host:none p2p:none host:bounce"}
+A0=${PEERPIPE_ADDR0:-10.77.0.1}; A1=${PEERPIPE_ADDR1:-10.77.0.2}
+dev() { for d in /sys/block/nvme*; do [ "$(cat $d/device/serial | tr -d ' ')" = "$1" ] && echo /dev/$(basename $d); done; }
+SRC=$(dev data1); D2=$(dev data2); D3=$(dev data3)
+bytes() { numfmt --from=iec "$1"; }
+N=$(( $(bytes $SIZE) / $(bytes $BS) ))
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+dd if=/dev/urandom of=$SRC bs=1M count=$(( $(bytes $SIZE) >> 20 )) oflag=direct status=none
+
+fio_mbs() { # rw dev
+  fio --name=b --filename=$2 --rw=$1 --bs=$BS --iodepth=$WINDOW --ioengine=io_uring --direct=1 \
+      --size=$SIZE --end_fsync=1 --output-format=terse --terse-version=3 |
+    awk -F';' -v rw=$1 '{printf "%.2f\n", (rw=="read" ? $7 : $48) * 1.024 / 1000}'
+}
+ib_mbs() {
+  ib_write_bw -R -d rxe1 -s $(bytes $BS) -n $N -t $WINDOW -p 18515 >/dev/null 2>&1 & local s=$!
+  sleep 1
+  ib_write_bw -R -d rxe0 --source_ip $A0 -s $(bytes $BS) -n $N -t $WINDOW -p 18515 $A1 2>/dev/null |
+    awk '$1 ~ /^[0-9]+$/ && NF >= 5 {print $4}'
+  wait $s
+}
+rep_run() { # bufs copy nrep -> "mbs cpu copied"
+  local bufs=$1 copy=$2 nrep=$3 kids=() args=()
+  for i in $(seq 1 $nrep); do
+    local t=$([ $i = 1 ] && echo $D2 || echo $D3)
+    $BIN replica --listen $A1:$((7600+i)) --target $t --buffers $bufs --copy $copy --window $WINDOW --block-size $BS 2>/tmp/replicator-replica$i.err & kids+=($!)
+    args+=(--replica $A1:$((7600+i)))
+  done
+  local j; j=$($BIN primary --source $SRC --bind $A0 "${args[@]}" --len $SIZE --block-size $BS \
+      --window $WINDOW --buffers $bufs --copy $copy --json 2>/tmp/replicator-primary.err)
+  wait "${kids[@]}"
+  field() { echo "$j" | grep -o "\"$1\":[0-9.]*" | cut -d: -f2; }
+  if echo "$j" | grep -q '"success":true'; then
+    echo "$(field mb_per_s) $(field cpu_seconds) $(field payload_bytes_copied)"
+  else
+    echo FAIL
+    sed 's/^/    primary: /' /tmp/replicator-primary.err >&2
+  fi
+}
+R=(); W=(); I=()
+for i in $(seq 1 $RUNS); do R+=($(fio_mbs read $SRC)); I+=($(ib_mbs)); W+=($(fio_mbs write $D2)); done
+r=$(echo ${R[*]} | median); ib=$(echo ${I[*]} | median); w=$(echo ${W[*]} | median)
+bound=$(printf '%s\n' $r $ib $w | sort -g | head -1)
+echo "size $SIZE, block $BS, depth/window $WINDOW, runs $RUNS"
+echo "| bound component | MB/s (median) | runs |"
+echo "|---|---|---|"
+echo "| fio read source (io_uring, O_DIRECT) | $r | ${R[*]} |"
+echo "| ib_write_bw -R rxe0->rxe1 | $ib | ${I[*]} |"
+echo "| fio write target (+end fsync) | $w | ${W[*]} |"
+echo "| **bottleneck bound** | $bound | |"
+echo
+echo "| mode | replicas | MB/s (median) | x bound | CPU s/GiB (primary) | payload bytes copied | runs |"
+echo "|---|---|---|---|---|---|---|"
+for nrep in 1 2; do
+  for m in $MODES; do
+    bufs=${m%:*}; copy=${m#*:}; M=(); C=(); X=""
+    for i in $(seq 1 $RUNS); do
+      set -- $(rep_run $bufs $copy $nrep)
+      if [ "$1" = FAIL ]; then M+=(FAIL); continue; fi
+      M+=($1); C+=($(awk -v c=$2 -v s=$(bytes $SIZE) 'BEGIN{printf "%.2f", c / (s/1073741824)}')); X=$3
+    done
+    mm=$(echo ${M[*]} | tr ' ' '\n' | grep -v FAIL | median); cc=$(echo ${C[*]} | median)
+    ratio=$(awk -v a=$mm -v b=$bound 'BEGIN{ if (b>0) printf "%.2f", a/b }')
+    echo "| $bufs, copy $copy | $nrep | $mm | $ratio | $cc | $X | ${M[*]} |"
+  done
+done

@@ -1,0 +1,532 @@
+//! The primary's side of a run as a state machine without I/O: reads, fan-out writes, acks,
+//! verification and the final verdict. An adapter executes the [`PrimaryAction`]s and feeds
+//! back completions; see the module docs of [`crate::pipeline`] for the rules enforced here.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use super::flow::Window;
+use super::ledger::{BlockState, Ledger, Mismatches};
+use super::range::{ByteRange, Layout};
+use super::stats::LatencyHistogram;
+use crate::protocol::{flags, Message, PrimarySide, ProtocolError, Status};
+
+/// Where a replica said a block may be written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Remote {
+    /// Remote address.
+    pub addr: u64,
+    /// Remote key (a memory window over exactly this buffer).
+    pub rkey: u32,
+    /// Bytes granted.
+    pub len: u32,
+}
+
+/// What the adapter must do next, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PrimaryAction {
+    /// Send a control message to `replica`.
+    Send {
+        /// Replica index.
+        replica: usize,
+        /// Message.
+        msg: Message,
+    },
+    /// Allocate a buffer for block `seq` and read `len` bytes at `offset` into it; then call
+    /// [`PrimaryCore::on_read_done`].
+    Read {
+        /// Block.
+        seq: u64,
+        /// Source byte offset.
+        offset: u64,
+        /// Bytes.
+        len: u32,
+    },
+    /// RDMA-write block `seq`'s buffer to `remote` on `replica`'s QP (the next action for that
+    /// replica is the `BlockSent` SEND, which must follow on the same QP); report the local
+    /// completion with [`PrimaryCore::on_write_done`].
+    Write {
+        /// Replica index.
+        replica: usize,
+        /// Block.
+        seq: u64,
+        /// Destination.
+        remote: Remote,
+    },
+    /// Block `seq`'s buffer is no longer read by any NIC: free it.
+    Release {
+        /// Block.
+        seq: u64,
+    },
+    /// Close the connection to `replica` (after sending what precedes this action).
+    Disconnect {
+        /// Replica index.
+        replica: usize,
+    },
+}
+
+#[derive(Debug)]
+struct InFlight {
+    read_done: bool,
+    crc: u32,
+    dispatched: bool,
+    /// Replicas whose RDMA WRITE from this buffer has not completed locally.
+    writing: Vec<usize>,
+}
+
+/// Final verdict of a run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    /// True only if every block was acked `Ok` by every replica and (with verify) every
+    /// read-back matched.
+    pub success: bool,
+    /// Byte ranges not acked by every replica.
+    pub unreplicated: Vec<ByteRange>,
+    /// Per replica: why it was lost, if it was.
+    pub replica_errors: Vec<Option<String>>,
+    /// Per replica: ranges whose read-back checksum did not match.
+    pub mismatches: Vec<Vec<ByteRange>>,
+    /// Blocks and bytes replicated to every replica.
+    pub replicated_blocks: u64,
+    /// Bytes replicated to every replica.
+    pub replicated_bytes: u64,
+    /// Read-back comparisons made.
+    pub verified_blocks: u64,
+}
+
+/// Primary state for one run to N replicas.
+#[derive(Debug)]
+pub struct PrimaryCore {
+    layout: Layout,
+    verify: bool,
+    ledger: Ledger,
+    window: Window,
+    sides: Vec<PrimarySide>,
+    alive: Vec<bool>,
+    errors: Vec<Option<String>>,
+    adverts: Vec<HashMap<u64, Remote>>,
+    blocks: BTreeMap<u64, InFlight>,
+    /// Source checksums (with verify).
+    source_crc: HashMap<u64, u32>,
+    /// Read start per block, until every replica acked it.
+    started: HashMap<u64, Instant>,
+    mismatches: Mismatches,
+    /// Verify requests without an answer, per replica.
+    verify_outstanding: Vec<u64>,
+    latency: LatencyHistogram,
+    source_failed: Option<String>,
+    fin_sent: bool,
+    fins: Vec<bool>,
+}
+
+impl PrimaryCore {
+    /// A run of `layout` to `replicas` replicas with `window` blocks in flight.
+    ///
+    /// # Errors
+    /// [`ProtocolError::BadConfig`] if the configuration cannot be expressed on the wire.
+    pub fn new(
+        layout: Layout,
+        replicas: usize,
+        window: u32,
+        verify: bool,
+    ) -> Result<PrimaryCore, ProtocolError> {
+        if replicas == 0 {
+            return Err(ProtocolError::BadConfig {
+                what: "at least one replica is needed",
+            });
+        }
+        let f = if verify { flags::VERIFY } else { 0 };
+        let sides = (0..replicas)
+            .map(|r| PrimarySide::new(layout.config(r as u32, window, f)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(PrimaryCore {
+            layout,
+            verify,
+            ledger: Ledger::new(layout, replicas),
+            window: Window::new(window as usize, layout.blocks()),
+            sides,
+            alive: vec![true; replicas],
+            errors: vec![None; replicas],
+            adverts: vec![HashMap::new(); replicas],
+            blocks: BTreeMap::new(),
+            source_crc: HashMap::new(),
+            started: HashMap::new(),
+            mismatches: Mismatches::new(replicas),
+            verify_outstanding: vec![0; replicas],
+            latency: LatencyHistogram::new(),
+            source_failed: None,
+            fin_sent: false,
+            fins: vec![false; replicas],
+        })
+    }
+
+    /// The ledger (per-block state).
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// Per-block latencies (read start to last ack).
+    pub fn latency(&self) -> &LatencyHistogram {
+        &self.latency
+    }
+
+    /// Replicas still connected.
+    pub fn alive(&self) -> usize {
+        self.alive.iter().filter(|a| **a).count()
+    }
+
+    /// Whether replica `r` is still connected.
+    pub fn is_alive(&self, r: usize) -> bool {
+        self.alive.get(r).copied().unwrap_or(false)
+    }
+
+    /// Sends the hellos and starts the first reads.
+    pub fn start(&mut self, out: &mut Vec<PrimaryAction>) {
+        for (r, side) in self.sides.iter().enumerate() {
+            out.push(PrimaryAction::Send {
+                replica: r,
+                msg: Message::Hello(*side.config()),
+            });
+        }
+        self.pump(out);
+    }
+
+    /// Starts reads while the window has room and someone can receive them.
+    fn pump(&mut self, out: &mut Vec<PrimaryAction>) {
+        while self.alive() > 0 && self.source_failed.is_none() {
+            let Ok(Some(seq)) = self.window.start() else {
+                break;
+            };
+            let Some(b) = self.layout.block(seq) else {
+                break;
+            };
+            self.started.insert(seq, Instant::now());
+            self.blocks.insert(
+                seq,
+                InFlight {
+                    read_done: false,
+                    crc: 0,
+                    dispatched: false,
+                    writing: Vec::new(),
+                },
+            );
+            out.push(PrimaryAction::Read {
+                seq,
+                offset: b.offset,
+                len: b.len,
+            });
+        }
+        self.maybe_fin(out);
+    }
+
+    /// Sends a block to every live replica once it is read and every live replica has a
+    /// buffer for it.
+    fn dispatch(&mut self, seq: u64, out: &mut Vec<PrimaryAction>) {
+        let Some(b) = self.blocks.get(&seq) else {
+            return;
+        };
+        if !b.read_done || b.dispatched {
+            return;
+        }
+        let live: Vec<usize> = (0..self.alive.len()).filter(|&r| self.alive[r]).collect();
+        if !live.iter().all(|&r| self.adverts[r].contains_key(&seq)) {
+            return;
+        }
+        let crc = b.crc;
+        let len = self.layout.block(seq).map_or(0, |b| b.len);
+        let offset = self.layout.block(seq).map_or(0, |b| b.offset);
+        let mut writing = Vec::new();
+        for &r in &live {
+            let Some(remote) = self.adverts[r].remove(&seq) else {
+                continue;
+            };
+            if self.sides[r].on_sent(seq).is_err() || self.ledger.sent(seq, r).is_err() {
+                // Internal inconsistency: treat the replica as lost rather than guess.
+                self.lose(r, format!("internal: block {seq} could not be sent"), out);
+                continue;
+            }
+            out.push(PrimaryAction::Write {
+                replica: r,
+                seq,
+                remote,
+            });
+            out.push(PrimaryAction::Send {
+                replica: r,
+                msg: Message::BlockSent {
+                    seq,
+                    offset,
+                    len,
+                    crc,
+                },
+            });
+            writing.push(r);
+        }
+        if let Some(b) = self.blocks.get_mut(&seq) {
+            b.dispatched = true;
+            b.writing = writing;
+        }
+        self.maybe_release(seq, out);
+    }
+
+    fn maybe_release(&mut self, seq: u64, out: &mut Vec<PrimaryAction>) {
+        let done = self.blocks.get(&seq).is_some_and(|b| {
+            b.read_done && (b.dispatched || self.alive() == 0) && b.writing.is_empty()
+        });
+        if done {
+            self.blocks.remove(&seq);
+            self.window.retire(seq);
+            out.push(PrimaryAction::Release { seq });
+            self.pump(out);
+        }
+    }
+
+    /// The source read of `seq` completed: `Ok(crc)` (crc only used with verify) or an error
+    /// text. A failed source read ends the run: nothing more is sent.
+    pub fn on_read_done(
+        &mut self,
+        seq: u64,
+        result: Result<u32, String>,
+        out: &mut Vec<PrimaryAction>,
+    ) {
+        let Some(b) = self.blocks.get_mut(&seq) else {
+            return;
+        };
+        b.read_done = true;
+        match result {
+            Ok(crc) => {
+                b.crc = crc;
+                if self.verify {
+                    self.source_crc.insert(seq, crc);
+                }
+                self.dispatch(seq, out);
+            }
+            Err(e) => {
+                let b = self.layout.block(seq).map(|b| b.range());
+                self.source_failed = Some(format!(
+                    "source read of block {seq} ({}) failed: {e}",
+                    b.map_or(String::new(), |r| r.to_string())
+                ));
+                for r in 0..self.alive.len() {
+                    if self.alive[r] {
+                        out.push(PrimaryAction::Send {
+                            replica: r,
+                            msg: Message::Abort {
+                                status: Status::Errno(libc::EIO as u16),
+                                seq,
+                            },
+                        });
+                        self.lose(r, "aborted: source read failed".into(), out);
+                    }
+                }
+                self.maybe_release(seq, out);
+            }
+        }
+    }
+
+    /// The local completion of the RDMA WRITE of `seq` to `replica`; `Err` (a work completion
+    /// error) means the replica's connection is broken.
+    pub fn on_write_done(
+        &mut self,
+        replica: usize,
+        seq: u64,
+        result: Result<(), String>,
+        out: &mut Vec<PrimaryAction>,
+    ) {
+        if let Some(b) = self.blocks.get_mut(&seq) {
+            b.writing.retain(|&r| r != replica);
+        }
+        if let Err(e) = result {
+            self.lose(
+                replica,
+                format!("RDMA write of block {seq} failed: {e}"),
+                out,
+            );
+        }
+        self.maybe_release(seq, out);
+    }
+
+    /// Raw bytes received from `replica`.
+    pub fn on_message(&mut self, replica: usize, bytes: &[u8], out: &mut Vec<PrimaryAction>) {
+        if !self.is_alive(replica) {
+            return;
+        }
+        let msg = match Message::decode(bytes) {
+            Ok(m) => m,
+            Err(e) => return self.violation(replica, e, out),
+        };
+        if let Err(e) = self.sides[replica].on_receive(&msg) {
+            return self.violation(replica, e, out);
+        }
+        match msg {
+            Message::BufferReady {
+                seq,
+                addr,
+                rkey,
+                len,
+            } => {
+                self.adverts[replica].insert(seq, Remote { addr, rkey, len });
+                self.dispatch(seq, out);
+            }
+            Message::BlockWritten { seq, status } => {
+                if self.ledger.acked(seq, replica, status).is_err() {
+                    return self.violation(
+                        replica,
+                        ProtocolError::BadSequence {
+                            kind: "block-written",
+                            seq,
+                            why: "not in flight",
+                        },
+                        out,
+                    );
+                }
+                if status.is_ok() && self.verify {
+                    if self.sides[replica].on_verify_request(seq).is_ok() {
+                        self.verify_outstanding[replica] += 1;
+                        out.push(PrimaryAction::Send {
+                            replica,
+                            msg: Message::VerifyRequest { seq },
+                        });
+                    }
+                } else if !status.is_ok() {
+                    self.errors[replica].get_or_insert(format!(
+                        "replica {replica} failed to write block {seq}: {status}"
+                    ));
+                }
+                if self.ledger.is_replicated(seq) {
+                    if let Some(t) = self.started.remove(&seq) {
+                        self.latency.record(t.elapsed());
+                    }
+                }
+            }
+            Message::VerifyResult {
+                seq, crc, status, ..
+            } => {
+                self.verify_outstanding[replica] =
+                    self.verify_outstanding[replica].saturating_sub(1);
+                let range = self.layout.block(seq).map(|b| b.range());
+                let source = self.source_crc.get(&seq).copied();
+                if let (Some(range), Some(src)) = (range, source) {
+                    if status.is_ok() {
+                        self.mismatches.check(replica, range, src, crc);
+                    } else {
+                        self.mismatches.unreadable(replica, range);
+                    }
+                }
+            }
+            Message::Fin { .. } => {
+                self.fins[replica] = true;
+                out.push(PrimaryAction::Disconnect { replica });
+                self.alive[replica] = false;
+            }
+            _ => {}
+        }
+        self.maybe_fin(out);
+    }
+
+    fn violation(&mut self, replica: usize, e: ProtocolError, out: &mut Vec<PrimaryAction>) {
+        if !matches!(e, ProtocolError::PeerAborted { .. }) {
+            out.push(PrimaryAction::Send {
+                replica,
+                msg: Message::Abort {
+                    status: Status::Protocol(e.code()),
+                    seq: u64::MAX,
+                },
+            });
+        }
+        self.lose(replica, format!("replica {replica}: {e}"), out);
+    }
+
+    /// `replica`'s connection is gone (disconnect event, timeout, error). The adapter must
+    /// call this only once its QP can no longer read our buffers (error state or destroyed).
+    pub fn on_replica_lost(&mut self, replica: usize, why: String, out: &mut Vec<PrimaryAction>) {
+        if self.is_alive(replica) {
+            self.lose(replica, why, out);
+        }
+    }
+
+    fn lose(&mut self, replica: usize, why: String, out: &mut Vec<PrimaryAction>) {
+        if !self.is_alive(replica) {
+            return;
+        }
+        self.alive[replica] = false;
+        self.errors[replica].get_or_insert(why);
+        self.ledger.fail_replica(replica);
+        self.adverts[replica].clear();
+        self.verify_outstanding[replica] = 0;
+        out.push(PrimaryAction::Disconnect { replica });
+        // Its writes can no longer complete; blocks waiting for its buffers may now proceed.
+        let seqs: Vec<u64> = self.blocks.keys().copied().collect();
+        for seq in seqs {
+            if let Some(b) = self.blocks.get_mut(&seq) {
+                b.writing.retain(|&r| r != replica);
+            }
+            self.dispatch(seq, out);
+            self.maybe_release(seq, out);
+        }
+        self.maybe_fin(out);
+    }
+
+    fn maybe_fin(&mut self, out: &mut Vec<PrimaryAction>) {
+        if self.fin_sent || !self.blocks.is_empty() || !self.ledger.is_settled() {
+            return;
+        }
+        if self.verify_outstanding.iter().any(|&n| n > 0) {
+            return;
+        }
+        self.fin_sent = true;
+        let (blocks, bytes) = self.ledger.replicated_blocks_bytes();
+        for r in 0..self.alive.len() {
+            if self.alive[r] {
+                out.push(PrimaryAction::Send {
+                    replica: r,
+                    msg: Message::Fin { blocks, bytes },
+                });
+            }
+        }
+    }
+
+    /// True when every block is settled, verification is done and the fins are exchanged
+    /// (or the peers are gone).
+    pub fn is_finished(&self) -> bool {
+        self.fin_sent && self.alive() == 0
+    }
+
+    /// True when the verdict is known (fins may still be in flight).
+    pub fn is_settled(&self) -> bool {
+        self.fin_sent
+    }
+
+    /// The verdict. Never success unless every block is acked by every replica and verified.
+    pub fn outcome(&self) -> Outcome {
+        let (replicated_blocks, replicated_bytes) = self.ledger.replicated_blocks_bytes();
+        let mut errors = self.errors.clone();
+        if let Some(e) = &self.source_failed {
+            for slot in errors.iter_mut() {
+                slot.get_or_insert_with(|| e.clone());
+            }
+        }
+        let mismatches: Vec<Vec<ByteRange>> = (0..self.alive.len())
+            .map(|r| self.mismatches.ranges(r))
+            .collect();
+        let verified_ok = !self.verify
+            || (self.mismatches.is_clean()
+                && self.mismatches.checked() == self.layout.blocks() * self.alive.len() as u64);
+        Outcome {
+            success: self.ledger.all_replicated()
+                && verified_ok
+                && self.source_failed.is_none()
+                && self.fin_sent,
+            unreplicated: self.ledger.unreplicated(),
+            replica_errors: errors,
+            mismatches,
+            replicated_blocks,
+            replicated_bytes,
+            verified_blocks: self.mismatches.checked(),
+        }
+    }
+
+    /// State of block `seq` on `replica` (for tests and progress).
+    pub fn state(&self, seq: u64, replica: usize) -> Option<BlockState> {
+        self.ledger.state(seq, replica).ok()
+    }
+}

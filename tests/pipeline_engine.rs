@@ -1,0 +1,545 @@
+//! Host tests of the replication engine's state machines (primary and replicas) wired
+//! together by a simulated transport: messages, RDMA writes checked against the advertised
+//! windows, drives as byte vectors, and completions delivered in random order. Failure
+//! injection: a replica dying mid-run, malformed messages, write errors, corrupted drives.
+
+use std::collections::{HashMap, VecDeque};
+
+use peerpipe::pipeline::{
+    crc32c, ByteRange, Layout, PrimaryAction, PrimaryCore, ReplicaAction, ReplicaCore,
+};
+use peerpipe::protocol::{Message, Status, MSG_LEN};
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+struct Replica {
+    core: ReplicaCore,
+    drive: Vec<u8>,
+    slots: Vec<Vec<u8>>,
+    /// Live windows: slot -> (rkey, granted len).
+    windows: HashMap<usize, (u32, u32)>,
+    next_rkey: u32,
+    inbox: VecDeque<Vec<u8>>,
+    completions: VecDeque<ReplicaAction>,
+    alive: bool,
+    /// Fail the drive write of this block.
+    fail_write: Option<u64>,
+    /// Flip a byte after writing this block (silent corruption for --verify to find).
+    corrupt: Option<u64>,
+    writes_outside: u64,
+    aborted: bool,
+}
+
+enum PEvent {
+    ReadDone(u64),
+    WriteDone(usize, u64, Result<(), String>),
+}
+
+struct Sim {
+    rng: Rng,
+    src: Vec<u8>,
+    primary: PrimaryCore,
+    bufs: HashMap<u64, Vec<u8>>,
+    pevents: VecDeque<PEvent>,
+    pinbox: VecDeque<(usize, Vec<u8>)>,
+    reps: Vec<Replica>,
+    linked: Vec<bool>,
+    /// Kill replica (index) after it has acked this many blocks.
+    kill: Option<(usize, u64)>,
+    /// Inject these raw bytes from replica (index) after its first ack.
+    inject: Option<(usize, Vec<u8>)>,
+    acks: Vec<u64>,
+    max_bufs: usize,
+}
+
+const SLOT: usize = 1 << 20;
+
+impl Sim {
+    fn new(layout: Layout, replicas: usize, window: u32, verify: bool, seed: u64) -> Sim {
+        let mut rng = Rng(seed | 1);
+        let src: Vec<u8> = (0..layout.range().end + 4096)
+            .map(|_| rng.next() as u8)
+            .collect();
+        let cap = layout.range().end + 8192;
+        Sim {
+            rng,
+            src,
+            primary: PrimaryCore::new(layout, replicas, window, verify).unwrap(),
+            bufs: HashMap::new(),
+            pevents: VecDeque::new(),
+            pinbox: VecDeque::new(),
+            reps: (0..replicas)
+                .map(|_| Replica {
+                    core: ReplicaCore::new(cap, 3),
+                    drive: vec![0; cap as usize],
+                    slots: vec![vec![0; SLOT]; 3],
+                    windows: HashMap::new(),
+                    next_rkey: 0x100,
+                    inbox: VecDeque::new(),
+                    completions: VecDeque::new(),
+                    alive: true,
+                    fail_write: None,
+                    corrupt: None,
+                    writes_outside: 0,
+                    aborted: false,
+                })
+                .collect(),
+            linked: vec![true; replicas],
+            kill: None,
+            inject: None,
+            acks: vec![0; replicas],
+            max_bufs: 0,
+        }
+    }
+
+    fn primary_do(&mut self, actions: Vec<PrimaryAction>) {
+        for a in actions {
+            match a {
+                PrimaryAction::Send { replica, msg } => {
+                    if self.linked[replica] && self.reps[replica].alive {
+                        self.reps[replica].inbox.push_back(msg.encode().to_vec());
+                    }
+                }
+                PrimaryAction::Read { seq, offset, len } => {
+                    let o = offset as usize;
+                    // Simulated DMA from the source drive.
+                    assert!(self
+                        .bufs
+                        .insert(seq, self.src[o..o + len as usize].to_vec())
+                        .is_none());
+                    self.max_bufs = self.max_bufs.max(self.bufs.len());
+                    self.pevents.push_back(PEvent::ReadDone(seq));
+                }
+                PrimaryAction::Write {
+                    replica,
+                    seq,
+                    remote,
+                } => {
+                    let data = self.bufs.get(&seq).expect("write from a released buffer");
+                    let rep = &mut self.reps[replica];
+                    let res = if !rep.alive || !self.linked[replica] {
+                        Err("transport retry exceeded".to_string())
+                    } else {
+                        let slot = (remote.addr as usize) / SLOT;
+                        match rep.windows.get(&slot) {
+                            Some(&(rkey, len))
+                                if rkey == remote.rkey
+                                    && data.len() as u32 <= len
+                                    && remote.addr as usize % SLOT == 0 =>
+                            {
+                                rep.slots[slot][..data.len()].copy_from_slice(data);
+                                Ok(())
+                            }
+                            _ => Err("remote access error".to_string()),
+                        }
+                    };
+                    self.pevents.push_back(PEvent::WriteDone(replica, seq, res));
+                }
+                PrimaryAction::Release { seq } => {
+                    assert!(self.bufs.remove(&seq).is_some(), "double release {seq}");
+                }
+                PrimaryAction::Disconnect { replica } => self.linked[replica] = false,
+            }
+        }
+    }
+
+    fn replica_do(&mut self, r: usize, actions: Vec<ReplicaAction>) {
+        for a in actions {
+            let rep = &mut self.reps[r];
+            match a {
+                ReplicaAction::Send(m) => {
+                    if self.linked[r] {
+                        self.pinbox.push_back((r, m.encode().to_vec()));
+                    }
+                }
+                ReplicaAction::Advertise { slot, seq, len } => {
+                    rep.next_rkey += 1;
+                    rep.windows.insert(slot, (rep.next_rkey, len));
+                    if self.linked[r] {
+                        let m = Message::BufferReady {
+                            seq,
+                            addr: (slot * SLOT) as u64,
+                            rkey: rep.next_rkey,
+                            len,
+                        };
+                        self.pinbox.push_back((r, m.encode().to_vec()));
+                    }
+                }
+                a @ (ReplicaAction::Write { .. } | ReplicaAction::ReadBack { .. }) => {
+                    if let ReplicaAction::Write { slot, .. } = a {
+                        // Revoke the window before the drive write.
+                        assert!(rep.windows.remove(&slot).is_some());
+                    }
+                    rep.completions.push_back(a);
+                }
+            }
+        }
+    }
+
+    fn replica_complete(&mut self, r: usize) {
+        let a = self.reps[r].completions.pop_front().unwrap();
+        let mut out = Vec::new();
+        let rep = &mut self.reps[r];
+        match a {
+            ReplicaAction::Write {
+                slot,
+                seq,
+                offset,
+                len,
+            } => {
+                let (o, l) = (offset as usize, len as usize);
+                let layout = *rep.core.layout().unwrap();
+                if offset < layout.offset() || offset + len as u64 > layout.range().end {
+                    rep.writes_outside += 1;
+                }
+                let status = if rep.fail_write == Some(seq) {
+                    Status::Nvme(0x0281)
+                } else {
+                    rep.drive[o..o + l].copy_from_slice(&rep.slots[slot][..l]);
+                    if rep.corrupt == Some(seq) {
+                        rep.drive[o + l / 2] ^= 0x40;
+                    }
+                    Status::Ok
+                };
+                rep.core.on_write_done(seq, status, &mut out).unwrap();
+                self.acks[r] += 1;
+            }
+            ReplicaAction::ReadBack { seq, offset, len } => {
+                let (o, l) = (offset as usize, len as usize);
+                let crc = crc32c(&rep.drive[o..o + l]);
+                rep.core
+                    .on_readback_done(seq, len, crc, Status::Ok, &mut out);
+            }
+            _ => unreachable!(),
+        }
+        self.replica_do(r, out);
+        if let Some((k, n)) = self.kill {
+            if k == r && self.acks[r] >= n && self.reps[r].alive {
+                self.reps[r].alive = false;
+                self.reps[r].inbox.clear();
+                self.reps[r].completions.clear();
+                self.pinbox.retain(|(from, _)| *from != r);
+                let mut out = Vec::new();
+                self.primary
+                    .on_replica_lost(r, "disconnected".into(), &mut out);
+                self.primary_do(out);
+            }
+        }
+        if let Some((k, _)) = &self.inject {
+            if *k == r && self.acks[r] >= 1 {
+                let (k, bytes) = self.inject.take().unwrap();
+                self.pinbox.push_back((k, bytes));
+            }
+        }
+    }
+
+    /// Runs until nothing is left to do; returns steps taken.
+    fn run(&mut self) -> usize {
+        let mut out = Vec::new();
+        self.primary.start(&mut out);
+        self.primary_do(out);
+        let mut steps = 0;
+        loop {
+            steps += 1;
+            assert!(steps < 1_000_000, "simulation does not terminate");
+            // Pick a random queue with work.
+            let mut choices = Vec::new();
+            if !self.pevents.is_empty() {
+                choices.push(0usize);
+            }
+            if !self.pinbox.is_empty() {
+                choices.push(1);
+            }
+            for r in 0..self.reps.len() {
+                if self.reps[r].alive && !self.reps[r].inbox.is_empty() {
+                    choices.push(2 + 2 * r);
+                }
+                if self.reps[r].alive && !self.reps[r].completions.is_empty() {
+                    choices.push(3 + 2 * r);
+                }
+            }
+            if choices.is_empty() {
+                return steps;
+            }
+            let c = choices[self.rng.below(choices.len())];
+            let mut out = Vec::new();
+            match c {
+                0 => {
+                    // Completions may come back in any order.
+                    let i = self.rng.below(self.pevents.len());
+                    match self.pevents.remove(i).unwrap() {
+                        PEvent::ReadDone(seq) => {
+                            let crc = crc32c(&self.bufs[&seq]);
+                            self.primary.on_read_done(seq, Ok(crc), &mut out);
+                        }
+                        PEvent::WriteDone(r, seq, res) => {
+                            self.primary.on_write_done(r, seq, res, &mut out)
+                        }
+                    }
+                    self.primary_do(out);
+                }
+                1 => {
+                    let (r, bytes) = self.pinbox.pop_front().unwrap();
+                    self.primary.on_message(r, &bytes, &mut out);
+                    self.primary_do(out);
+                }
+                c if c % 2 == 0 => {
+                    let r = (c - 2) / 2;
+                    let bytes = self.reps[r].inbox.pop_front().unwrap();
+                    let mut rout = Vec::new();
+                    match self.reps[r].core.on_message(&bytes, &mut rout) {
+                        Ok(()) => self.replica_do(r, rout),
+                        Err(e) => {
+                            self.reps[r].aborted = true;
+                            self.reps[r].alive = false;
+                            let _ = e;
+                        }
+                    }
+                }
+                c => {
+                    let r = (c - 3) / 2;
+                    self.replica_complete(r);
+                }
+            }
+        }
+    }
+
+    fn block_ok_on(&self, r: usize, range: ByteRange) -> bool {
+        let (s, e) = (range.start as usize, range.end as usize);
+        self.reps[r].drive[s..e] == self.src[s..e]
+    }
+}
+
+fn layout_short_tail() -> Layout {
+    // 4 KiB LBAs, 16 KiB blocks, starts at 8 KiB, 12 blocks + a 4 KiB tail.
+    Layout::new(8192, 12 * 16384 + 4096, 16384, 4096, 1 << 30).unwrap()
+}
+
+#[test]
+fn one_replica_with_verify_succeeds_and_copies_exact_bytes() {
+    for seed in 1..20 {
+        let l = layout_short_tail();
+        let mut sim = Sim::new(l, 1, 4, true, seed);
+        sim.run();
+        assert!(sim.primary.is_finished());
+        let o = sim.primary.outcome();
+        assert!(o.success, "seed {seed}: {o:?}");
+        assert!(o.unreplicated.is_empty());
+        assert_eq!(o.replicated_bytes, l.len());
+        assert_eq!(o.replicated_blocks, l.blocks());
+        assert_eq!(o.verified_blocks, l.blocks());
+        assert!(sim.block_ok_on(0, l.range()));
+        // Nothing outside the range was written.
+        assert!(sim.reps[0].drive[..8192].iter().all(|&b| b == 0));
+        let end = l.range().end as usize;
+        assert!(sim.reps[0].drive[end..].iter().all(|&b| b == 0));
+        assert!(sim.bufs.is_empty(), "every buffer released");
+        assert!(sim.max_bufs <= 4, "window bounds buffers: {}", sim.max_bufs);
+        assert_eq!(sim.primary.latency().len() as u64, l.blocks());
+        assert!(sim.reps[0].core.is_finished());
+        assert_eq!(sim.reps[0].core.written(), (l.blocks(), l.len()));
+    }
+}
+
+#[test]
+fn two_replicas_fan_out_in_random_order() {
+    for seed in 1..20 {
+        let l = Layout::new(0, 40 * 8192, 8192, 512, 1 << 30).unwrap();
+        let mut sim = Sim::new(l, 2, 8, seed % 2 == 0, seed * 7919);
+        sim.run();
+        let o = sim.primary.outcome();
+        assert!(o.success, "seed {seed}: {o:?}");
+        assert!(sim.block_ok_on(0, l.range()) && sim.block_ok_on(1, l.range()));
+        assert!(sim.bufs.is_empty());
+    }
+}
+
+#[test]
+fn replica_dying_mid_run_names_exactly_the_unreplicated_ranges() {
+    for seed in 1..30 {
+        let l = layout_short_tail();
+        let mut sim = Sim::new(l, 2, 4, false, seed);
+        sim.kill = Some((1, 5));
+        sim.run();
+        let o = sim.primary.outcome();
+        assert!(
+            !o.success,
+            "seed {seed}: success claimed with a dead replica"
+        );
+        assert!(!o.unreplicated.is_empty());
+        assert!(o.replica_errors[1].is_some());
+        assert!(o.replica_errors[0].is_none());
+        // Everything not reported unreplicated really is on both drives.
+        for b in l.iter() {
+            let r = b.range();
+            let reported = o
+                .unreplicated
+                .iter()
+                .any(|u| u.start <= r.start && r.end <= u.end);
+            if !reported {
+                assert!(
+                    sim.block_ok_on(0, r) && sim.block_ok_on(1, r),
+                    "seed {seed} block {}",
+                    b.seq
+                );
+            }
+        }
+        // The survivor got everything and finished cleanly.
+        assert!(sim.block_ok_on(0, l.range()), "seed {seed}");
+        assert!(sim.reps[0].core.is_finished());
+        assert!(sim.bufs.is_empty());
+        // Acks still in flight when it died are lost: at most the 5 it sent count.
+        assert!(o.replicated_blocks <= 5);
+    }
+}
+
+#[test]
+fn only_replica_dying_stops_the_run_without_success() {
+    let l = layout_short_tail();
+    let mut sim = Sim::new(l, 1, 4, true, 3);
+    sim.kill = Some((0, 2));
+    sim.run();
+    assert!(sim.primary.is_settled());
+    let o = sim.primary.outcome();
+    assert!(!o.success);
+    assert!(o.replicated_blocks <= 2);
+    let covered: u64 = o.unreplicated.iter().map(|r| r.len()).sum();
+    assert_eq!(covered + o.replicated_bytes, l.len());
+    assert!(sim.bufs.is_empty());
+}
+
+#[test]
+fn write_error_and_silent_corruption_are_reported() {
+    let l = layout_short_tail();
+    let mut sim = Sim::new(l, 2, 4, true, 11);
+    sim.reps[0].fail_write = Some(3);
+    sim.reps[1].corrupt = Some(12);
+    sim.run();
+    let o = sim.primary.outcome();
+    assert!(!o.success);
+    assert_eq!(o.unreplicated, vec![l.block(3).unwrap().range()]);
+    assert!(o.replica_errors[0].as_deref().unwrap().contains("block 3"));
+    assert_eq!(o.mismatches[1], vec![l.block(12).unwrap().range()]);
+    assert!(o.mismatches[0].is_empty());
+}
+
+#[test]
+fn malformed_message_from_replica_ends_only_that_connection() {
+    let l = layout_short_tail();
+    let cases: Vec<Vec<u8>> = vec![
+        vec![1, 2, 3],
+        [0xffu8; MSG_LEN].to_vec(),
+        // Ack of a block never sent.
+        Message::BlockWritten {
+            seq: 11,
+            status: Status::Ok,
+        }
+        .encode()
+        .to_vec(),
+        // Advertisement far out of order.
+        Message::BufferReady {
+            seq: 9,
+            addr: 0,
+            rkey: 1,
+            len: 16384,
+        }
+        .encode()
+        .to_vec(),
+    ];
+    for bytes in cases {
+        let mut sim = Sim::new(l, 2, 4, false, 5);
+        sim.inject = Some((1, bytes));
+        sim.run();
+        let o = sim.primary.outcome();
+        assert!(!o.success);
+        let why = o.replica_errors[1].as_deref().unwrap();
+        assert!(why.contains("replica 1"), "{why}");
+        assert!(o.replica_errors[0].is_none());
+        assert!(sim.block_ok_on(0, l.range()));
+        assert!(sim.bufs.is_empty());
+    }
+}
+
+#[test]
+fn crafted_primary_cannot_make_a_replica_write_outside_the_range() {
+    let l = Layout::new(1 << 20, 4 * 4096, 4096, 4096, 1 << 30).unwrap();
+    let cfg = l.config(0, 2, 0);
+    let mut rep = ReplicaCore::new(1 << 30, 2);
+    let mut out = Vec::new();
+    rep.on_message(&Message::Hello(cfg).encode(), &mut out)
+        .unwrap();
+    assert!(matches!(
+        out[0],
+        ReplicaAction::Send(Message::HelloAck { window: 2, .. })
+    ));
+    assert_eq!(
+        out[1..],
+        [
+            ReplicaAction::Advertise {
+                slot: 0,
+                seq: 0,
+                len: 4096
+            },
+            ReplicaAction::Advertise {
+                slot: 1,
+                seq: 1,
+                len: 4096
+            },
+        ]
+    );
+    let bad = [
+        // Offset pointing at the start of the drive.
+        Message::BlockSent {
+            seq: 0,
+            offset: 0,
+            len: 4096,
+            crc: 0,
+        },
+        // Longer than the block.
+        Message::BlockSent {
+            seq: 0,
+            offset: 1 << 20,
+            len: 8192,
+            crc: 0,
+        },
+        // Not advertised yet.
+        Message::BlockSent {
+            seq: 2,
+            offset: (1 << 20) + 8192,
+            len: 4096,
+            crc: 0,
+        },
+        // Beyond the range.
+        Message::BlockSent {
+            seq: 4,
+            offset: (1 << 20) + 16384,
+            len: 4096,
+            crc: 0,
+        },
+    ];
+    for m in bad {
+        let mut rep = ReplicaCore::new(1 << 30, 2);
+        let mut out = Vec::new();
+        rep.on_message(&Message::Hello(cfg).encode(), &mut out)
+            .unwrap();
+        out.clear();
+        assert!(rep.on_message(&m.encode(), &mut out).is_err(), "{m:?}");
+        assert!(out.is_empty(), "no write for a rejected message");
+    }
+    // A range that does not fit the replica is refused at hello.
+    let mut small = ReplicaCore::new(1 << 20, 2);
+    assert!(small
+        .on_message(&Message::Hello(cfg).encode(), &mut Vec::new())
+        .is_err());
+}
