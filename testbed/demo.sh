@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's main command, run inside the testbed VM by `cargo xtask demo`:
-# show the devices, the p2pmem provider, and an rping round trip between rxe0 and rxe1.
+# show the devices, the p2pmem provider, an rping round trip between rxe0 and rxe1, then
+# replicate a range of one drive to two others through p2pmem, verified.
 set -euo pipefail
 a0=$PEERPIPE_ADDR0 a1=$PEERPIPE_ADDR1
 
@@ -26,4 +27,18 @@ sleep 1
 timeout 60 rping -c -I "$a0" -a "$a1" -C 5 -S 64 -v
 wait "$server"
 echo "== server side"; cat /tmp/rping-server.log
+
+# The replicator: primary on data1, replicas on data2 and data3, buffers from the CMB's p2pmem.
+dev() { for d in /sys/block/nvme*; do [ "$(tr -d ' ' < "$d/device/serial")" = "$1" ] && echo "/dev/$(basename "$d")"; done; }
+src=$(dev data1) r0=$(dev data2) r1=$(dev data3)
+len=${DEMO_LEN:-8M}
+bin=target/debug/examples/replicator
+echo "== replicator: $len of $src -> $r0 and $r1 (p2pmem buffers, verify)"
+dd if=/dev/urandom of="$src" bs=1M count=16 oflag=direct status=none
+"$bin" replica --listen "$a1:7471" --target "$r0" --buffers p2p --timeout 60 & rep0=$!
+"$bin" replica --listen "$a1:7472" --target "$r1" --buffers p2p --timeout 60 & rep1=$!
+sleep 1
+timeout 600 "$bin" primary --source "$src" --replica "$a1:7471" --replica "$a1:7472" \
+  --bind "$a0" --len "$len" --buffers p2p --verify --timeout 60
+wait "$rep0" "$rep1"
 echo "demo: ok"
