@@ -7,7 +7,7 @@
 //! client compares source and sink (`-V`) and prints the data (`-v`).
 //!
 //! ```text
-//! rping -s [-vVd] [-S size] [-C count] [-a addr] [-p port]
+//! rping -s [-vVdP] [-S size] [-C count] [-a addr] [-p port]
 //! rping -c [-vVd] [-S size] [-C count] [-I addr] -a addr [-p port]
 //! ```
 
@@ -22,8 +22,11 @@ const MIN_SIZE: usize = 26; // sizeof("2147483647") + sizeof("rdma-ping-%d: "), 
 const MAX_SIZE: usize = 64 * 1024 - 1;
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
+#[derive(Clone)]
 struct Opts {
     server: Option<bool>,
+    /// `-P`: keep accepting clients, each served on its own thread, until killed.
+    persistent: bool,
     addr: Option<IpAddr>,
     source: Option<IpAddr>,
     port: u16,
@@ -35,9 +38,10 @@ struct Opts {
 }
 
 fn usage() -> String {
-    "usage:\n  rping -s [-vVd] [-S size] [-C count] [-a addr] [-p port]\n  \
+    "usage:\n  rping -s [-vVdP] [-S size] [-C count] [-a addr] [-p port]\n  \
      rping -c [-vVd] [-S size] [-C count] [-I addr] -a addr [-p port]\n\
      \t-c\t\tclient side\n\t-I\t\tSource address to bind to for client.\n\t-s\t\tserver side\n\
+     \t-P\t\tpersistent server mode allowing multiple connections\n\
      \t-v\t\tdisplay ping data to stdout\n\t-V\t\tvalidate ping data\n\t-d\t\tdebug printfs\n\
      \t-S size \tping data size\n\t-C count\tping count times\n\t-a addr\t\taddress\n\t-p port\t\tport\n"
         .to_string()
@@ -58,6 +62,7 @@ fn resolve_ip(s: &str) -> std::result::Result<IpAddr, String> {
 fn parse(args: &[String]) -> std::result::Result<Opts, String> {
     let mut o = Opts {
         server: None,
+        persistent: false,
         addr: None,
         source: None,
         port: 7174,
@@ -112,7 +117,7 @@ fn parse(args: &[String]) -> std::result::Result<Opts, String> {
                 'V' => o.validate = true,
                 'd' => o.debug = true,
                 'q' => {} // the QP is always created through rdma_cm here
-                'P' => return Err("-P (persistent server) is not supported by this rping".into()),
+                'P' => o.persistent = true,
                 other => return Err(format!("unknown option -{other}\n{}", usage())),
             }
         }
@@ -253,13 +258,28 @@ fn c_string(mr: &MemoryRegion) -> String {
 fn run_server(o: &Opts) -> Result<()> {
     let addr = o.addr.unwrap_or(IpAddr::from([0u8, 0, 0, 0]));
     let listener = Listener::bind(SocketAddr::new(addr, o.port), 3)?;
-    let req = loop {
-        match listener.get_request(Duration::from_secs(1)) {
-            Ok(r) => break r,
+    loop {
+        let req = match listener.get_request(Duration::from_secs(1)) {
+            Ok(r) => r,
             Err(Error::Timeout { .. }) => continue,
             Err(e) => return Err(e),
+        };
+        if !o.persistent {
+            return serve(req, o);
         }
-    };
+        // -P: one thread per client, as rping's persistent server; a failed session is
+        // reported and the server keeps accepting
+        let opts = o.clone();
+        std::thread::spawn(move || {
+            if let Err(e) = serve(req, &opts) {
+                eprintln!("rping server session failed: {e}");
+            }
+        });
+    }
+}
+
+/// Serves one client until it disconnects.
+fn serve(req: ConnectRequest, o: &Opts) -> Result<()> {
     let (_pd, cq, [recv_mr, send_mr, rdma_mr]) = Session::resources(req.context(), o.size)?;
     let init = QpInit::new(&_pd, &cq).caps(Session::caps());
     // rping's client asks for 1 outstanding READ each way; accept matches the request.

@@ -483,9 +483,7 @@ impl Connector {
         params: &ConnParams,
         prepare: impl FnOnce(&QueuePair) -> Result<()>,
     ) -> Result<Connection> {
-        check_device(&self.ctx, init)?;
-        let qp = QueuePair::create_on_cm(self.id.clone(), init)?;
-        prepare(&qp)?;
+        let qp = prepared_qp(&self.id, &self.ctx, init, prepare)?;
         let mut cp = raw_conn_param(params, &self.ctx, 56)?;
         // SAFETY: valid id with a QP; cp and its private data live across the call.
         let rc = unsafe { rdma_connect(self.id.id, &mut cp) };
@@ -496,6 +494,20 @@ impl Connector {
         let ev = expect("connect", ev, CmEventKind::Established)?;
         Ok(Connection::new(qp, self.id, self.ctx, ev.private_data))
     }
+}
+
+/// Creates the id's QP on `ctx` (after checking `init` belongs to it) and runs `prepare` on it
+/// before anything goes to the peer: the shared first half of connect and accept.
+fn prepared_qp(
+    id: &Arc<CmIdInner>,
+    ctx: &Context,
+    init: &QpInit,
+    prepare: impl FnOnce(&QueuePair) -> Result<()>,
+) -> Result<QueuePair> {
+    check_device(ctx, init)?;
+    let qp = QueuePair::create_on_cm(id.clone(), init)?;
+    prepare(&qp)?;
+    Ok(qp)
 }
 
 fn check_device(ctx: &Context, init: &QpInit) -> Result<()> {
@@ -630,9 +642,7 @@ impl ConnectRequest {
         params: &ConnParams,
         prepare: impl FnOnce(&QueuePair) -> Result<()>,
     ) -> Result<Connection> {
-        check_device(&self.ctx, init)?;
-        let qp = QueuePair::create_on_cm(self.id.clone(), init)?;
-        prepare(&qp)?;
+        let qp = prepared_qp(&self.id, &self.ctx, init, prepare)?;
         let mut p = params.clone();
         p.responder_resources = p.responder_resources.min(self.peer_initiator_depth);
         p.initiator_depth = p.initiator_depth.min(self.peer_responder_resources);
@@ -766,6 +776,12 @@ impl Connection {
             ) {
                 self.disconnected.store(true, Ordering::Release);
             }
+            if ev.kind == CmEventKind::Disconnected {
+                // The peer's disconnect request (IB CM DREQ) is only answered (DREP) when this
+                // side calls rdma_disconnect too (or destroys its id). Without the answer the
+                // peer's own DISCONNECTED arrives only after its DREQ retries time out.
+                self.answer_disconnect();
+            }
             self.events
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -877,8 +893,10 @@ impl Connection {
 
     /// Starts disconnecting: moves the QP to the error state (posted WRs flush) and sends the
     /// disconnect request. Does not wait; use [`disconnect`](Self::disconnect)
-    /// or [`wait_event`](Self::wait_event) for the DISCONNECTED event (it arrives when the
-    /// peer answers, which this crate does automatically when it reads the peer's request).
+    /// or [`wait_event`](Self::wait_event) for the DISCONNECTED event. It arrives when the
+    /// peer answers, which a peer `Connection` does as soon as it reads the request (any of
+    /// `poll_events`, `check`, `wait_event`, `wait_completions`) or is dropped; a peer that
+    /// never looks costs the CM's disconnect-request timeout instead.
     ///
     /// # Errors
     /// `Verbs { op: "rdma_disconnect" }`.
@@ -898,6 +916,21 @@ impl Connection {
             }
         }
         Ok(())
+    }
+
+    /// Answers the peer's disconnect request once; errors are only logged (the id may
+    /// already be gone with its device).
+    fn answer_disconnect(&self) {
+        if self.disconnect_sent.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // SAFETY: valid id; rdma_disconnect on a disconnecting id sends the DREP.
+        if unsafe { rdma_disconnect(self.id.id) } != 0 {
+            tracing::debug!(
+                errno = crate::error::last_errno(),
+                "rdma_disconnect answering the peer failed"
+            );
+        }
     }
 
     /// [`start_disconnect`](Self::start_disconnect), then waits up to `timeout` for the

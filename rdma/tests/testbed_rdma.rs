@@ -826,6 +826,13 @@ fn cm_event_stream_disconnect() {
     let ev = s.conn.wait_event(CmEventKind::Disconnected, T).unwrap();
     assert_eq!(ev.kind, CmEventKind::Disconnected);
     assert!(matches!(s.conn.check(), Err(Error::Disconnected { .. })));
+    // the server answered the DREQ while reading it, so the client's own DISCONNECTED (the
+    // DREP) arrives promptly, not after the CM's DREQ retries time out
+    let tc = Instant::now();
+    c.conn.wait_event(CmEventKind::Disconnected, T).unwrap();
+    assert!(matches!(c.conn.check(), Err(Error::Disconnected { .. })));
+    eprintln!("client DISCONNECTED {:?} after the server's", tc.elapsed());
+    assert!(tc.elapsed() < Duration::from_secs(3), "{:?}", tc.elapsed());
     // posting on a disconnected QP: refused, flushed, or reported as disconnected by the
     // connection-aware wait; never a hang
     let mr = MemoryRegion::alloc(&s.pd, 64, Access::default()).unwrap();
@@ -840,4 +847,32 @@ fn cm_event_stream_disconnect() {
         }
     }
     assert!(t.elapsed() < 2 * T);
+}
+
+#[test]
+#[ignore = "skipped: no device (testbed test; run: cargo xtask test)"]
+fn cm_disconnect_both_sides_then_timewait_exit() {
+    peerpipe_testbed::require_testbed();
+    let (c, s) = pair(20043, PairOpts::default());
+    let t = Instant::now();
+    // the blocking form on the client, with the server reading its events in a thread
+    let server = std::thread::spawn(move || {
+        s.conn.wait_event(CmEventKind::Disconnected, T).unwrap();
+        s
+    });
+    c.conn
+        .disconnect(T)
+        .expect("client sees its own DISCONNECTED");
+    let s = server.join().unwrap();
+    eprintln!("both DISCONNECTED after {:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    // IB CM (RoCE) keeps each id in TIMEWAIT for about the packet lifetime after the
+    // DREQ/DREP exchange, then rdma_cm reports TIMEWAIT_EXIT while the id is still alive
+    let tw = Instant::now();
+    c.conn.wait_event(CmEventKind::TimewaitExit, T).unwrap();
+    s.conn.wait_event(CmEventKind::TimewaitExit, T).unwrap();
+    eprintln!(
+        "TIMEWAIT_EXIT on both sides {:?} after DISCONNECTED",
+        tw.elapsed()
+    );
 }

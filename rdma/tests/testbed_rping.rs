@@ -159,3 +159,45 @@ fn peer_killed_mid_transfer_server_notices() {
         "server noticed the vanished client:\n{text}"
     );
 }
+
+#[test]
+#[ignore = "skipped: no device (testbed test; run: cargo xtask test)"]
+fn rping_persistent_server_serves_several_real_clients() {
+    peerpipe_testbed::require_testbed();
+    let (a0, a1) = peerpipe_testbed::addrs();
+    let mut srv = peerpipe_testbed::spawn(
+        Command::new(ours()).args(["-s", "-P", "-v", "-a", &a1, "-p", "7205"]),
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let client = |count: &str| {
+        let mut c = Command::new("rping");
+        c.args([
+            "-c", "-v", "-V", "-C", count, "-I", &a0, "-a", &a1, "-p", "7205",
+        ]);
+        c
+    };
+    // one after the other, then two at once: -P keeps accepting and serves each on its own
+    for count in [3u64, 4] {
+        let o = peerpipe_testbed::run(&mut client(&count.to_string()), Duration::from_secs(60));
+        assert!(o.status.success(), "{}", peerpipe_testbed::text(&o));
+        check_pings(&peerpipe_testbed::text(&o), "ping data: ", count, 64);
+    }
+    let (mut c1, mut c2) = (client("2"), client("2"));
+    let j1 = std::thread::spawn(move || peerpipe_testbed::run(&mut c1, Duration::from_secs(60)));
+    let o2 = peerpipe_testbed::run(&mut c2, Duration::from_secs(60));
+    let o1 = j1.join().unwrap();
+    for o in [&o1, &o2] {
+        assert!(o.status.success(), "{}", peerpipe_testbed::text(o));
+        check_pings(&peerpipe_testbed::text(o), "ping data: ", 2, 64);
+    }
+    // still running after all of them: a persistent server only ends when killed
+    assert!(srv.try_wait().unwrap().is_none(), "-P server exited");
+    kill(&mut srv);
+    let out = peerpipe_testbed::wait(srv, Duration::from_secs(10), "rping -P server");
+    let text = peerpipe_testbed::text(&out);
+    assert_eq!(
+        lines_with(&text, "server ping data: ").len(),
+        3 + 4 + 2 + 2,
+        "{text}"
+    );
+}
