@@ -2,13 +2,17 @@
 # Replicator throughput vs. the bottleneck bound, all in one testbed VM run:
 #   cargo build --release -p peerpipe --example replicator
 #   cargo xtask vm -- bash benches/replicator-bench.sh            # SIZE=256M RUNS=3 for the full run
+#   cargo xtask vm -- env SIZE=32M RUNS=3 MODES=host:none REPLICAS=1 WAITS="events busy" \
+#       bash benches/replicator-bench.sh                          # event-driven vs busy-poll wait
 # Prints a markdown table: fio read of the source, ib_write_bw -R between rxe0/rxe1, fio write
 # (+fsync at the end) of the target, all at block size BS and depth WINDOW; then the replicator
-# in each mode to 1 and 2 replicas (medians of RUNS runs; MB/s, CPU s per GiB, bytes copied).
+# in each mode to 1 and 2 replicas (medians of RUNS runs; MB/s, CPU s per GiB, bytes copied),
+# with each wait mode in WAITS (events: sleep in io_uring on the RDMA completion channels; busy).
 set -u
 BIN=${BIN:-target/release/examples/replicator}
 SIZE=${SIZE:-32M}; BS=${BS:-64K}; WINDOW=${WINDOW:-16}; RUNS=${RUNS:-1}
 MODES=${MODES:-"host:none p2p:none host:bounce"}
+WAITS=${WAITS:-events}; REPLICAS=${REPLICAS:-"1 2"}
 A0=${PEERPIPE_ADDR0:-10.77.0.1}; A1=${PEERPIPE_ADDR1:-10.77.0.2}
 dev() { for d in /sys/block/nvme*; do [ "$(cat $d/device/serial | tr -d ' ')" = "$1" ] && echo /dev/$(basename $d); done; }
 SRC=$(dev data1); D2=$(dev data2); D3=$(dev data3)
@@ -29,19 +33,19 @@ ib_mbs() {
     awk '$1 ~ /^[0-9]+$/ && NF >= 5 {print $4}'
   wait $s
 }
-rep_run() { # bufs copy nrep -> "mbs cpu copied"
-  local bufs=$1 copy=$2 nrep=$3 kids=() args=()
+rep_run() { # bufs copy nrep wait -> "mbs cpu copied replica1-cpu"
+  local bufs=$1 copy=$2 nrep=$3 wait=$4 kids=() args=()
   for i in $(seq 1 $nrep); do
     local t=$([ $i = 1 ] && echo $D2 || echo $D3)
-    $BIN replica --listen $A1:$((7600+i)) --target $t --buffers $bufs --copy $copy --window $WINDOW --block-size $BS 2>/tmp/replicator-replica$i.err & kids+=($!)
+    $BIN replica --listen $A1:$((7600+i)) --target $t --buffers $bufs --copy $copy --wait $wait --window $WINDOW --block-size $BS 2>/tmp/replicator-replica$i.err & kids+=($!)
     args+=(--replica $A1:$((7600+i)))
   done
   local j; j=$($BIN primary --source $SRC --bind $A0 "${args[@]}" --len $SIZE --block-size $BS \
-      --window $WINDOW --buffers $bufs --copy $copy --json 2>/tmp/replicator-primary.err)
+      --window $WINDOW --buffers $bufs --copy $copy --wait $wait --json 2>/tmp/replicator-primary.err)
   wait "${kids[@]}"
   field() { echo "$j" | grep -o "\"$1\":[0-9.]*" | cut -d: -f2; }
   if echo "$j" | grep -q '"success":true'; then
-    echo "$(field mb_per_s) $(field cpu_seconds) $(field payload_bytes_copied)"
+    echo "$(field mb_per_s) $(field cpu_seconds) $(field payload_bytes_copied) $(grep -o 'CPU [0-9.]* s' /tmp/replicator-replica1.err | awk '{print $2}')"
   else
     echo FAIL
     sed 's/^/    primary: /' /tmp/replicator-primary.err >&2
@@ -59,18 +63,21 @@ echo "| ib_write_bw -R rxe0->rxe1 | $ib | ${I[*]} |"
 echo "| fio write target (+end fsync) | $w | ${W[*]} |"
 echo "| **bottleneck bound** | $bound | |"
 echo
-echo "| mode | replicas | MB/s (median) | x bound | CPU s/GiB (primary) | payload bytes copied | runs |"
-echo "|---|---|---|---|---|---|---|"
-for nrep in 1 2; do
+echo "| mode | wait | replicas | MB/s (median) | x bound | CPU s/GiB (primary) | CPU s/GiB (replica 1) | payload bytes copied | runs (MB/s) | runs (primary CPU s/GiB) |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
+for nrep in $REPLICAS; do
   for m in $MODES; do
-    bufs=${m%:*}; copy=${m#*:}; M=(); C=(); X=""
-    for i in $(seq 1 $RUNS); do
-      set -- $(rep_run $bufs $copy $nrep)
-      if [ "$1" = FAIL ]; then M+=(FAIL); continue; fi
-      M+=($1); C+=($(awk -v c=$2 -v s=$(bytes $SIZE) 'BEGIN{printf "%.2f", c / (s/1073741824)}')); X=$3
+    for wait in $WAITS; do
+      bufs=${m%:*}; copy=${m#*:}; M=(); C=(); RC=(); X=""
+      for i in $(seq 1 $RUNS); do
+        set -- $(rep_run $bufs $copy $nrep $wait)
+        if [ "$1" = FAIL ]; then M+=(FAIL); continue; fi
+        M+=($1); C+=($(awk -v c=$2 -v s=$(bytes $SIZE) 'BEGIN{printf "%.2f", c / (s/1073741824)}')); X=$3
+        RC+=($(awk -v c=${4:-0} -v s=$(bytes $SIZE) 'BEGIN{printf "%.2f", c / (s/1073741824)}'))
+      done
+      mm=$(echo ${M[*]} | tr ' ' '\n' | grep -v FAIL | median); cc=$(echo ${C[*]} | median); rc=$(echo ${RC[*]} | median)
+      ratio=$(awk -v a=$mm -v b=$bound 'BEGIN{ if (b>0) printf "%.2f", a/b }')
+      echo "| $bufs, copy $copy | $wait | $nrep | $mm | $ratio | $cc | $rc | $X | ${M[*]} | ${C[*]} |"
     done
-    mm=$(echo ${M[*]} | tr ' ' '\n' | grep -v FAIL | median); cc=$(echo ${C[*]} | median)
-    ratio=$(awk -v a=$mm -v b=$bound 'BEGIN{ if (b>0) printf "%.2f", a/b }')
-    echo "| $bufs, copy $copy | $nrep | $mm | $ratio | $cc | $X | ${M[*]} |"
   done
 done

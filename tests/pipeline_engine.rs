@@ -543,3 +543,136 @@ fn crafted_primary_cannot_make_a_replica_write_outside_the_range() {
         .on_message(&Message::Hello(cfg).encode(), &mut Vec::new())
         .is_err());
 }
+
+// ---------------------------------------------------------------- engine configuration (host)
+
+mod engine_config {
+    use std::time::Duration;
+
+    use peerpipe::pipeline::engine::{
+        write_cache_from_sysfs, BufferChoice, CopyMode, EngineError, PrimaryConfig, PrimaryEngine,
+        ReplicaConfig, WaitMode,
+    };
+
+    fn addr() -> std::net::SocketAddr {
+        "127.0.0.1:7471".parse().unwrap()
+    }
+
+    fn invalid(e: EngineError) -> (&'static str, String) {
+        match e {
+            EngineError::InvalidConfig { what, reason } => (what, reason),
+            other => panic!("expected InvalidConfig, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn wait_buffers_and_copy_parse_their_cli_words_and_reject_others() {
+        assert_eq!("events".parse::<WaitMode>().unwrap(), WaitMode::Events);
+        assert_eq!("busy".parse::<WaitMode>().unwrap(), WaitMode::BusyPoll);
+        assert_eq!(WaitMode::default(), WaitMode::Events);
+        assert_eq!(WaitMode::BusyPoll.to_string(), "busy");
+        let (what, reason) = invalid("spin".parse::<WaitMode>().unwrap_err());
+        assert_eq!(what, "--wait");
+        assert!(reason.contains("events or busy"), "{reason}");
+        assert_eq!("host".parse::<BufferChoice>().unwrap(), BufferChoice::Host);
+        assert_eq!("p2p".parse::<BufferChoice>().unwrap(), BufferChoice::P2p);
+        assert!("dram".parse::<BufferChoice>().is_err());
+        assert_eq!("bounce".parse::<CopyMode>().unwrap(), CopyMode::Bounce);
+        assert_eq!("none".parse::<CopyMode>().unwrap(), CopyMode::None);
+        assert!("memcpy".parse::<CopyMode>().is_err());
+    }
+
+    #[test]
+    fn primary_config_validation_names_the_bad_setting() {
+        let ok = PrimaryConfig::new("/dev/ng1n1").replica(addr());
+        ok.validate().unwrap();
+        let (what, _) = invalid(PrimaryConfig::new("/dev/ng1n1").validate().unwrap_err());
+        assert_eq!(what, "--replica");
+        let (what, _) = invalid(
+            PrimaryConfig::new("")
+                .replica(addr())
+                .validate()
+                .unwrap_err(),
+        );
+        assert_eq!(what, "--source");
+        for w in [0, 1025] {
+            let (what, reason) = invalid(ok.clone().window(w).validate().unwrap_err());
+            assert_eq!(what, "--window");
+            assert!(reason.contains("1..=1024"), "{reason}");
+        }
+        ok.clone().window(1024).validate().unwrap();
+        let (what, _) = invalid(ok.clone().timeout(Duration::ZERO).validate().unwrap_err());
+        assert_eq!(what, "--timeout");
+    }
+
+    #[test]
+    fn replica_config_validation_names_the_bad_setting() {
+        let ok = ReplicaConfig::new("/dev/ng2n1", addr());
+        ok.validate().unwrap();
+        let (what, _) = invalid(ok.clone().block_size(0).validate().unwrap_err());
+        assert_eq!(what, "--block-size");
+        let (what, _) = invalid(ok.clone().block_size(1 << 40).validate().unwrap_err());
+        assert_eq!(what, "--block-size");
+        let (what, _) = invalid(ok.clone().window(0).validate().unwrap_err());
+        assert_eq!(what, "--window");
+        let (what, _) = invalid(ReplicaConfig::new("", addr()).validate().unwrap_err());
+        assert_eq!(what, "--target");
+    }
+
+    #[test]
+    fn write_cache_decision_from_sysfs_text() {
+        assert_eq!(write_cache_from_sysfs("write back\n"), Some(true));
+        assert_eq!(write_cache_from_sysfs("write through\n"), Some(false));
+        assert_eq!(write_cache_from_sysfs("write back"), Some(true));
+        assert_eq!(write_cache_from_sysfs(""), None);
+        assert_eq!(write_cache_from_sysfs("writeback"), None);
+    }
+
+    #[test]
+    fn primary_engine_on_a_missing_source_is_a_typed_open_error() {
+        let e = PrimaryEngine::new(
+            PrimaryConfig::new("/nonexistent/peerpipe-source")
+                .replica(addr())
+                .buffers(BufferChoice::Host),
+        )
+        .err()
+        .expect("a missing source must fail");
+        assert!(matches!(e, EngineError::Open { .. }), "{e:?}");
+        let s = e.to_string();
+        assert!(s.contains("/nonexistent/peerpipe-source"), "{s}");
+    }
+
+    /// A regular file is a real O_DIRECT target on the host: the range checks run against its
+    /// size and LBA alignment before anything connects.
+    #[test]
+    fn primary_engine_checks_the_range_against_a_file_source() {
+        let dir = std::env::temp_dir().join(format!("peerpipe-engine-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("src.img");
+        std::fs::write(&path, vec![7u8; 1 << 20]).unwrap();
+        let cfg = PrimaryConfig::new(&path)
+            .replica(addr())
+            .buffers(BufferChoice::Host);
+        let r = PrimaryEngine::new(cfg.clone().offset(2 << 20).len(Some(4096)));
+        match r {
+            Err(EngineError::Range(e)) => assert!(e.to_string().contains("beyond"), "{e}"),
+            Err(EngineError::Open { .. }) => {
+                // tmpfs without O_DIRECT support: nothing to check on this host.
+                eprintln!("skipped: {} does not support O_DIRECT", dir.display());
+                return;
+            }
+            other => panic!("expected a range error, got {:?}", other.err()),
+        }
+        let e = PrimaryEngine::new(cfg.clone().len(Some(1000)))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("round to"), "{e}");
+        let eng = PrimaryEngine::new(cfg.len(Some(200 << 10)).window(64)).unwrap();
+        assert_eq!(eng.layout().blocks(), 4);
+        assert_eq!(eng.window(), 4, "the window is capped at the block count");
+        assert_eq!(eng.buffers().kind, BufferChoice::Host);
+        assert_eq!(eng.backend(), peerpipe::pipeline::engine::Backend::File);
+        drop(eng);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

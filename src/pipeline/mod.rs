@@ -1,6 +1,11 @@
 //! The zero-copy replication pipeline: NVMe -> p2pmem -> RDMA WRITE -> remote p2pmem ->
 //! remote NVMe, with no CPU copy of the payload inside peerpipe.
 //!
+//! The rules live in I/O-free state machines ([`PrimaryCore`], [`ReplicaCore`], [`Ledger`],
+//! [`Window`]); [`engine`] carries out their actions with one io_uring ring per process (NVMe
+//! passthrough or O_DIRECT), RDMA connections whose completions are waited for in that same
+//! ring ([`engine::WaitMode`]), and a p2p-alloc buffer pool.
+//!
 //! # Stages
 //!
 //! A run replicates one byte range of a source (NVMe namespace via passthrough, or a file /
@@ -19,7 +24,9 @@
 //!    each followed on its queue pair by a `BlockSent` SEND. RC ordering guarantees the
 //!    replica sees the SEND only after the WRITE's data is placed.
 //! 4. **Write** (replica): on `BlockSent`, revoke the window, write the buffer to the drive
-//!    at the block's offset, flush if the drive has a volatile write cache, then ack with
+//!    at the block's offset, flush if the drive has a volatile write cache (NVMe: the
+//!    controller's VWC bit; block device: sysfs `queue/write_cache` is "write back"; a regular
+//!    file: always, fdatasync), then ack with
 //!    `BlockWritten{status}` and re-advertise the buffer for a later block.
 //! 5. **Retire** (primary): the source buffer is freed when every replica's WRITE completed
 //!    locally (its work completion) — not before, since the NIC reads it until then. The block
@@ -66,8 +73,14 @@
 //! - Success is reported only when every block is acked `Ok` by every replica (and, with
 //!   `--verify`, every read-back checksum matched). Unacked data is never reported as
 //!   replicated: a block whose WRITE completed but whose ack did not arrive is unreplicated.
-//! - A replica that sees its primary go away stops, reports how many blocks it wrote and exits
-//!   cleanly (its writes were already acked, or were never acked and so not claimed).
+//! - A replica that sees its primary go away before `Fin` (disconnect event, a completion
+//!   error, or silence from the primary for the run's timeout: a link that went down delivers
+//!   no event to a replica with nothing to send) stops, waits for its in-flight drive I/O,
+//!   reports how many blocks it wrote and exits in order with a status *distinct from success*
+//!   (the replicator example exits 3; 0 is kept for "the primary sent `Fin`"). Nothing is
+//!   lost by stopping: blocks it acked are on its drive, blocks it never acked were never
+//!   claimed as replicated by the primary. It is not 0 because this replica does not hold the
+//!   whole range; it is not an error code (2) because the replica did nothing wrong.
 //! - Malformed or out-of-order messages end that connection with a typed
 //!   [`crate::protocol::ProtocolError`] (the offender is sent an `Abort`); they never cause a
 //!   write outside the configured range: the replica writes only at the offset and length it
@@ -86,6 +99,7 @@
 
 mod checksum;
 mod copy;
+pub mod engine;
 mod flow;
 mod ledger;
 mod primary;

@@ -1,0 +1,196 @@
+//! One RDMA connection of the pipeline (primary -> replica or replica -> primary): the
+//! connection, its CQ (on a completion channel in [`WaitMode::Events`]), and its ring of
+//! posted receives for 64-byte control messages.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use crate::protocol::{Message, MSG_LEN};
+use crate::rdma::{
+    self, Access, CompletionChannel, CompletionQueue, ConnParams, ConnectRequest, Connection,
+    Connector, Context, MemoryRegion, ProtectionDomain, QpCaps, QpInit, RecvRequest, SendRequest,
+};
+
+use super::slots::Slots;
+use super::{EngineError, WaitMode};
+
+/// Receives kept posted per connection.
+pub(crate) const RECV_DEPTH: usize = 256;
+/// CQ entries per connection: the send queue plus the receive ring, with room to spare.
+const CQ_DEPTH: u32 = 2048;
+/// Work request ids: the kind in the top 4 bits, the slot / sequence / receive index below.
+pub(crate) const WR_RECV: u64 = 1 << 60;
+pub(crate) const WR_SEND: u64 = 2 << 60;
+pub(crate) const WR_WRITE: u64 = 3 << 60;
+pub(crate) const WR_INV: u64 = 4 << 60;
+pub(crate) const WR_BIND: u64 = 5 << 60;
+pub(crate) const WR_MASK: u64 = 0xf << 60;
+
+fn caps() -> QpCaps {
+    QpCaps {
+        max_send_wr: 1024,
+        max_recv_wr: RECV_DEPTH as u32,
+        max_send_sge: 1,
+        max_recv_sge: 1,
+        max_inline_data: MSG_LEN as u32,
+    }
+}
+
+fn params(timeout: Duration) -> ConnParams {
+    ConnParams {
+        // 7 = retry forever on receiver-not-ready: a peer busy writing is not an error.
+        rnr_retry_count: 7,
+        retry_count: 7,
+        timeout,
+        ..Default::default()
+    }
+}
+
+/// A connection with its CQ, receive buffers and the regions of the local slots.
+pub(crate) struct Link {
+    // Drop order: the connection (QP) before the CQ and the regions it uses.
+    pub(crate) conn: Connection,
+    pub(crate) cq: CompletionQueue,
+    recv: MemoryRegion,
+    /// Chunk id -> region of the engine's slots, registered on this link's PD.
+    pub(crate) mrs: HashMap<u32, MemoryRegion>,
+    pub(crate) pd: ProtectionDomain,
+    pub(crate) alive: bool,
+}
+
+/// The PD, CQ (with a channel in events mode) and receive region for a new QP on `ctx`.
+fn resources(
+    ctx: &Context,
+    wait: WaitMode,
+) -> Result<(ProtectionDomain, CompletionQueue, MemoryRegion), EngineError> {
+    let pd = ProtectionDomain::new(ctx).map_err(|e| EngineError::rdma("ibv_alloc_pd", e))?;
+    let cq = match wait {
+        WaitMode::Events => {
+            let ch = CompletionChannel::new(ctx)
+                .map_err(|e| EngineError::rdma("completion channel", e))?;
+            CompletionQueue::with_channel(ctx, CQ_DEPTH, &ch)
+        }
+        WaitMode::BusyPoll => CompletionQueue::new(ctx, CQ_DEPTH),
+    }
+    .map_err(|e| EngineError::rdma("completion queue", e))?;
+    let recv = MemoryRegion::alloc(
+        &pd,
+        RECV_DEPTH * MSG_LEN,
+        Access::local_read().local_write(),
+    )
+    .map_err(|e| EngineError::rdma("receive buffers", e))?;
+    Ok((pd, cq, recv))
+}
+
+fn recv_wr(mr: &MemoryRegion, i: usize) -> rdma::Result<RecvRequest> {
+    Ok(RecvRequest::new(
+        WR_RECV | i as u64,
+        vec![mr.sge(i * MSG_LEN, MSG_LEN)?],
+    ))
+}
+
+fn post_all_recvs(qp: &rdma::QueuePair, mr: &MemoryRegion) -> rdma::Result<()> {
+    let wrs = (0..RECV_DEPTH)
+        .map(|i| recv_wr(mr, i))
+        .collect::<rdma::Result<Vec<_>>>()?;
+    qp.post_recv(&wrs)
+}
+
+impl Link {
+    /// Connects to replica `r` at `dst` from `bind`, retrying while the replica rejects (it
+    /// is still starting) until `timeout`. Our slots are registered for local access only:
+    /// only our own NIC reads them.
+    ///
+    /// # Errors
+    /// [`EngineError::Connect`] (resolve/connect failures and rejections after the timeout),
+    /// [`EngineError::Rdma`] for the verbs resources.
+    pub(crate) fn connect(
+        r: usize,
+        bind: Option<IpAddr>,
+        dst: SocketAddr,
+        timeout: Duration,
+        wait: WaitMode,
+        slots: &Slots,
+    ) -> Result<Link, EngineError> {
+        let give_up = Instant::now() + timeout;
+        loop {
+            let err = |op, source| EngineError::Connect {
+                replica: r,
+                addr: dst,
+                op,
+                source: Box::new(source),
+            };
+            let c = Connector::resolve(bind, dst, timeout).map_err(|e| err("resolve", e))?;
+            let (pd, cq, recv) = resources(c.context(), wait)?;
+            // SAFETY: the regions live in the Link, which the engine drops before its slots.
+            let mrs = unsafe { slots.register(&pd, Access::local_read().local_write())? };
+            let init = QpInit::new(&pd, &cq).caps(caps());
+            match c.connect_with(&init, &params(timeout), |qp| post_all_recvs(qp, &recv)) {
+                Ok(conn) => {
+                    return Ok(Link {
+                        conn,
+                        cq,
+                        recv,
+                        mrs,
+                        pd,
+                        alive: true,
+                    })
+                }
+                Err(rdma::Error::Rejected { .. }) if Instant::now() < give_up => {
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => return Err(err("connect", e)),
+            }
+        }
+    }
+
+    /// Accepts the primary's request. The slots are registered for local access plus window
+    /// binding only: the regions' own rkeys grant nothing remotely.
+    ///
+    /// # Errors
+    /// [`EngineError::Rdma`] (verbs resources, `rdma_accept`).
+    pub(crate) fn accept(
+        req: ConnectRequest,
+        timeout: Duration,
+        wait: WaitMode,
+        slots: &Slots,
+    ) -> Result<Link, EngineError> {
+        let (pd, cq, recv) = resources(req.context(), wait)?;
+        // SAFETY: the regions live in the Link, which the engine drops before its slots.
+        let mrs = unsafe { slots.register(&pd, Access::local_read().local_write().mw_bind())? };
+        let init = QpInit::new(&pd, &cq).caps(caps());
+        let conn = req
+            .accept_with(&init, &params(timeout), |qp| post_all_recvs(qp, &recv))
+            .map_err(|e| EngineError::rdma("accept", e))?;
+        Ok(Link {
+            conn,
+            cq,
+            recv,
+            mrs,
+            pd,
+            alive: true,
+        })
+    }
+
+    /// Posts a control message (inline SEND).
+    ///
+    /// # Errors
+    /// The verbs error of `ibv_post_send` (ENOMEM: send queue full).
+    pub(crate) fn send(&self, m: &Message) -> Result<(), rdma::Error> {
+        self.conn
+            .post_send(&[SendRequest::send_inline(WR_SEND, &m.encode())])
+    }
+
+    /// A received control message: copies its bytes out and re-posts the receive.
+    ///
+    /// # Errors
+    /// The verbs error of reading the buffer or re-posting.
+    pub(crate) fn take_recv(&self, wr_id: u64) -> Result<[u8; MSG_LEN], rdma::Error> {
+        let i = (wr_id & !WR_MASK) as usize;
+        let mut b = [0u8; MSG_LEN];
+        self.recv.read_at(i * MSG_LEN, &mut b)?;
+        self.conn.post_recv(&[recv_wr(&self.recv, i)?])?;
+        Ok(b)
+    }
+}

@@ -1,0 +1,445 @@
+//! A replica's engine: grants the primary a memory window per block, writes each received
+//! block from its buffer to the drive, flushes when the drive has a volatile write cache, and
+//! acks (the I/O side of [`ReplicaCore`]).
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::pipeline::{crc32c, CopyMeter, ReplicaAction, ReplicaCore};
+use crate::protocol::{Message, ProtocolError, Status, MSG_LEN};
+use crate::rdma::{
+    self, Listener, MemoryWindow, SendOp, SendRequest, WcOpcode, WcStatus, WindowAccess,
+};
+
+use super::drive::{Backend, Drive, WriteCache};
+use super::link::{Link, WR_BIND, WR_INV, WR_MASK, WR_RECV};
+use super::slots::{slot_bytes, BufferInfo, HostBuf, RawBuf, Slots};
+use super::wait::Waiter;
+use super::{cpu_time, wait_bound, CopyMode, EngineError, Event, ReplicaConfig};
+
+/// How a replica's run ended (both are orderly ends; errors are [`EngineError`]s).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReplicaEnd {
+    /// The primary sent `Fin`: every block this replica acked is on its drive.
+    Fin,
+    /// The primary went away before `Fin` (disconnect, completion error, or silence for the
+    /// timeout); the text says how. Blocks acked are on the drive; the others were never
+    /// claimed as replicated by the primary.
+    PrimaryGone(String),
+}
+
+/// What a replica did.
+#[derive(Clone, Debug)]
+pub struct ReplicaReport {
+    /// Why the run ended.
+    pub end: ReplicaEnd,
+    /// Blocks written (and flushed when needed) and acked.
+    pub blocks_written: u64,
+    /// Bytes of those blocks.
+    pub bytes_written: u64,
+    /// Blocks whose drive write failed (acked with the error status).
+    pub failed_blocks: u64,
+    /// Payload bytes the CPU copied (0 in zero-copy mode).
+    pub payload_bytes_copied: u64,
+    /// CPU time (user + system) of the process from the connection to the end.
+    pub cpu: Duration,
+}
+
+enum Io {
+    Write { seq: u64 },
+    Flush,
+    ReadBack { seq: u64, len: u32, buf: HostBuf },
+}
+
+/// A replica listening for its primary, with its target open and buffers allocated.
+pub struct ReplicaEngine {
+    cfg: ReplicaConfig,
+    listener: Listener,
+    bounce: Vec<HostBuf>,
+    drive: Drive,
+    slots: Slots,
+}
+
+impl ReplicaEngine {
+    /// Opens the target read-write, decides on flushing, allocates the buffers and starts
+    /// listening.
+    ///
+    /// # Errors
+    /// [`EngineError::InvalidConfig`] (see [`ReplicaConfig::validate`]),
+    /// [`EngineError::Open`] / [`EngineError::Ring`] for the target,
+    /// [`EngineError::NoP2pMem`] / [`EngineError::Buffers`], [`EngineError::Rdma`] for the
+    /// listener (EADDRINUSE: the port is taken; EADDRNOTAVAIL: no RDMA device has that address).
+    pub fn new(cfg: ReplicaConfig) -> Result<ReplicaEngine, EngineError> {
+        cfg.validate()?;
+        // The ring holds a write and a read-back per buffer, a flush and two polls.
+        let drive = Drive::open(&cfg.target, true, cfg.window as usize * 2 + 3)?;
+        let slots = Slots::alloc(cfg.buffers, cfg.window as usize, cfg.block_size as usize)?;
+        let bounce = match cfg.copy {
+            CopyMode::Bounce => (0..cfg.window)
+                .map(|_| HostBuf::new(cfg.block_size as usize))
+                .collect(),
+            CopyMode::None => Vec::new(),
+        };
+        let listener = Listener::bind(cfg.listen, 4)
+            .map_err(|e| EngineError::rdma(format!("listen {}", cfg.listen), e))?;
+        Ok(ReplicaEngine {
+            cfg,
+            listener,
+            bounce,
+            drive,
+            slots,
+        })
+    }
+
+    /// Target capacity in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.drive.capacity
+    }
+    /// How the target is accessed.
+    pub fn backend(&self) -> Backend {
+        self.drive.backend
+    }
+    /// Whether writes are flushed before they are acked, and why.
+    pub fn write_cache(&self) -> &WriteCache {
+        &self.drive.cache
+    }
+    /// Which buffers and why.
+    pub fn buffers(&self) -> &BufferInfo {
+        &self.slots.info
+    }
+    /// The configuration.
+    pub fn config(&self) -> &ReplicaConfig {
+        &self.cfg
+    }
+
+    /// Waits for the primary, then serves it until `Fin` or until it goes away.
+    ///
+    /// # Errors
+    /// [`EngineError::NoPrimary`] (nobody connected within the accept timeout),
+    /// [`EngineError::NoHello`], [`EngineError::Protocol`] (a malformed or out-of-order
+    /// message: the primary was sent an abort), [`EngineError::BlockTooLarge`],
+    /// [`EngineError::Rdma`] / [`EngineError::Ring`] when a local resource fails.
+    pub fn run_with(
+        mut self,
+        observe: &mut dyn FnMut(Event),
+    ) -> Result<ReplicaReport, EngineError> {
+        let deadline = Instant::now() + self.cfg.accept_timeout;
+        let req = loop {
+            match self.listener.get_request(Duration::from_secs(1)) {
+                Ok(r) => break r,
+                Err(rdma::Error::Timeout { .. }) if Instant::now() < deadline => continue,
+                Err(e) => return Err(EngineError::NoPrimary(Box::new(e))),
+            }
+        };
+        let link = Link::accept(req, self.cfg.timeout, self.cfg.wait, &self.slots)?;
+        let mws = (0..self.slots.len())
+            .map(|_| MemoryWindow::alloc(&link.pd))
+            .collect::<rdma::Result<Vec<_>>>()
+            .map_err(|e| {
+                EngineError::rdma("memory windows (needed for least-privilege access)", e)
+            })?;
+        observe(Event::Connected);
+        let mut waiter = Waiter::new(self.cfg.wait, 1);
+        let mut links = [link];
+        let result = self.run_loop(&mut links, &mws, &mut waiter);
+        // Drive I/O still in flight finishes before the buffers go away.
+        waiter.drain(&mut self.drive.ring);
+        let _ = links[0].conn.disconnect(Duration::from_millis(500));
+        drop(mws);
+        result
+    }
+
+    /// [`ReplicaEngine::run_with`] without an observer.
+    ///
+    /// # Errors
+    /// As [`ReplicaEngine::run_with`].
+    pub fn run(self) -> Result<ReplicaReport, EngineError> {
+        self.run_with(&mut |_| {})
+    }
+
+    fn run_loop(
+        &mut self,
+        links: &mut [Link],
+        mws: &[MemoryWindow],
+        waiter: &mut Waiter,
+    ) -> Result<ReplicaReport, EngineError> {
+        let cfg = &self.cfg;
+        let drive = &mut self.drive;
+        let slots = &self.slots;
+        let bounce = &mut self.bounce;
+        let block_max = cfg.block_size;
+        let flush = drive.cache.volatile;
+        let meter = CopyMeter::new();
+        let mut core = ReplicaCore::new(drive.capacity, slots.len());
+        let mut out = Vec::new();
+        let mut actions: VecDeque<ReplicaAction> = VecDeque::new();
+        let mut pending_write: HashMap<usize, (u64, u64, u32)> = HashMap::new();
+        let mut ios: HashMap<u64, Io> = HashMap::new();
+        let mut next_tag = 1u64;
+        let mut unflushed: Vec<(u64, Status)> = Vec::new();
+        let mut flushing: Option<Vec<(u64, Status)>> = None;
+        let mut wcs = vec![rdma::EMPTY_COMPLETION; 64];
+        let mut done = Vec::new();
+        let mut end = ReplicaEnd::Fin;
+        let mut fin_sent_at: Option<Instant> = None;
+        let mut last_progress = Instant::now();
+        let cpu0 = cpu_time();
+        let send = |link: &Link, m: &Message| {
+            link.send(m)
+                .map_err(|e| EngineError::rdma(format!("posting {}", m.name()), e))
+        };
+        'run: loop {
+            let link = &links[0];
+            let mut busy = false;
+            while let Some(a) = actions.pop_front() {
+                busy = true;
+                match a {
+                    ReplicaAction::Send(m) => {
+                        send(link, &m)?;
+                        if matches!(m, Message::Fin { .. }) {
+                            fin_sent_at = Some(Instant::now());
+                        }
+                    }
+                    ReplicaAction::Advertise { slot, seq, len } => {
+                        if u64::from(len) > block_max {
+                            let m = Message::Abort {
+                                status: Status::Refused(1),
+                                seq,
+                            };
+                            let _ = link.send(&m);
+                            return Err(EngineError::BlockTooLarge {
+                                got: len,
+                                max: block_max,
+                            });
+                        }
+                        let b = slots.buf(slot);
+                        let mr = link
+                            .mrs
+                            .get(&b.chunk_id())
+                            .ok_or(EngineError::Internal("slot chunk not registered"))?;
+                        let bind = SendRequest::bind_window(
+                            WR_BIND | slot as u64,
+                            &mws[slot],
+                            mr,
+                            b.offset_in_chunk() as u64,
+                            u64::from(len),
+                            WindowAccess::none().remote_write(),
+                        );
+                        link.conn
+                            .post_send(&[bind])
+                            .map_err(|e| EngineError::rdma("binding a memory window", e))?;
+                        let m = Message::BufferReady {
+                            seq,
+                            addr: b.addr() as u64,
+                            rkey: mws[slot].rkey(),
+                            len,
+                        };
+                        send(link, &m)?;
+                    }
+                    ReplicaAction::Write {
+                        slot,
+                        seq,
+                        offset,
+                        len,
+                    } => {
+                        // Revoke the window before the drive reads the buffer.
+                        pending_write.insert(slot, (seq, offset, len));
+                        link.conn
+                            .post_send(&[SendRequest::new(
+                                WR_INV | slot as u64,
+                                SendOp::LocalInv(mws[slot].rkey()),
+                                Vec::new(),
+                            )])
+                            .map_err(|e| EngineError::rdma("invalidating a memory window", e))?;
+                    }
+                    ReplicaAction::ReadBack { seq, offset, len } => {
+                        let mut buf = HostBuf::new(len as usize);
+                        let raw = buf.raw(len as usize);
+                        let tag = next_tag;
+                        next_tag += 1;
+                        match drive.ring.read(drive.t, offset, raw, tag) {
+                            Ok(()) => {
+                                ios.insert(tag, Io::ReadBack { seq, len, buf });
+                            }
+                            Err(rej) => {
+                                let st = status_of(&rej.error);
+                                core.on_readback_done(seq, len, 0, st, &mut out);
+                            }
+                        }
+                    }
+                }
+                actions.extend(out.drain(..));
+            }
+            // RDMA completions, polled dry.
+            loop {
+                let got = link
+                    .cq
+                    .poll(&mut wcs)
+                    .map_err(|e| EngineError::rdma("polling the completion queue", e))?;
+                for wc in &wcs[..got] {
+                    busy = true;
+                    if wc.status != WcStatus::Success {
+                        if core.is_finished() {
+                            break 'run;
+                        }
+                        end = ReplicaEnd::PrimaryGone(format!(
+                            "{:?} completion failed ({:?}) before fin: the primary went away",
+                            wc.opcode, wc.status
+                        ));
+                        break 'run;
+                    }
+                    match wc.wr_id & WR_MASK {
+                        WR_RECV if wc.opcode == WcOpcode::Recv => {
+                            let b = link
+                                .take_recv(wc.wr_id)
+                                .map_err(|e| EngineError::rdma("receiving a message", e))?;
+                            let bytes = &b[..wc.byte_len.min(MSG_LEN as u32) as usize];
+                            if let Err(e) = core.on_message(bytes, &mut out) {
+                                if !matches!(e, ProtocolError::PeerAborted { .. }) {
+                                    let _ = link.send(&ReplicaCore::abort_for(&e));
+                                }
+                                // Let the abort leave before hanging up.
+                                std::thread::sleep(Duration::from_millis(100));
+                                let _ = link.conn.disconnect(Duration::from_millis(500));
+                                return Err(EngineError::Protocol(e));
+                            }
+                        }
+                        WR_INV => {
+                            let slot = (wc.wr_id & !WR_MASK) as usize;
+                            let (seq, offset, len) = pending_write
+                                .remove(&slot)
+                                .ok_or(EngineError::Internal("invalidation without a write"))?;
+                            let mut raw = RawBuf {
+                                ptr: slots.ptr(slot),
+                                len: len as usize,
+                            };
+                            if cfg.copy == CopyMode::Bounce {
+                                // SAFETY: the window over the slot was just invalidated; the
+                                // slot is not re-advertised before this block is acked.
+                                let src = unsafe { slot_bytes(raw.ptr, len as usize) };
+                                meter.copy(bounce[slot].bytes_mut(len as usize), src);
+                                raw = bounce[slot].raw(len as usize);
+                            }
+                            let tag = next_tag;
+                            next_tag += 1;
+                            match drive.ring.write(drive.t, offset, raw, tag) {
+                                Ok(()) => {
+                                    ios.insert(tag, Io::Write { seq });
+                                }
+                                Err(rej) => {
+                                    let st = status_of(&rej.error);
+                                    core.on_write_done(seq, st, &mut out).map_err(|_| {
+                                        EngineError::Internal("write result for an unknown block")
+                                    })?;
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                if got < wcs.len().min(32) {
+                    break;
+                }
+            }
+            actions.extend(out.drain(..));
+            // Drive completions: writes are acked only after a flush that started after them
+            // (when the drive has a volatile write cache).
+            drive
+                .ring
+                .reap(&mut done)
+                .map_err(|e| EngineError::ring("reap", e))?;
+            waiter.filter(links, &mut done)?;
+            let link = &links[0];
+            for c in done.drain(..) {
+                busy = true;
+                let status = match &c.result {
+                    Ok(_) => Status::Ok,
+                    Err(e) => status_of(e),
+                };
+                match ios.remove(&c.tag) {
+                    Some(Io::Write { seq }) if flush => unflushed.push((seq, status)),
+                    Some(Io::Write { seq }) => core
+                        .on_write_done(seq, status, &mut out)
+                        .map_err(|_| EngineError::Internal("write result for an unknown block"))?,
+                    Some(Io::Flush) => {
+                        for (seq, st) in flushing.take().unwrap_or_default() {
+                            let st = if st.is_ok() { status } else { st };
+                            core.on_write_done(seq, st, &mut out).map_err(|_| {
+                                EngineError::Internal("write result for an unknown block")
+                            })?;
+                        }
+                    }
+                    Some(Io::ReadBack { seq, len, buf }) => {
+                        let crc = crc32c(buf.bytes(len as usize));
+                        core.on_readback_done(seq, len, crc, status, &mut out);
+                    }
+                    None => {}
+                }
+            }
+            if flushing.is_none() && !unflushed.is_empty() {
+                let tag = next_tag;
+                next_tag += 1;
+                drive
+                    .ring
+                    .flush(drive.t, tag)
+                    .map_err(|e| EngineError::ring("flush", e))?;
+                ios.insert(tag, Io::Flush);
+                flushing = Some(std::mem::take(&mut unflushed));
+            }
+            actions.extend(out.drain(..));
+            if let Err(e) = link.conn.check() {
+                if !core.is_finished() {
+                    end = ReplicaEnd::PrimaryGone(format!("connection ended before fin: {e}"));
+                }
+                break;
+            }
+            if let Some(t) = fin_sent_at {
+                // Give the fin time to leave, then hang up.
+                if t.elapsed() > Duration::from_millis(200) || link.conn.is_disconnected() {
+                    break;
+                }
+            }
+            if busy {
+                waiter.busy();
+                last_progress = Instant::now();
+            } else if actions.is_empty() {
+                if core.layout().is_none() && last_progress.elapsed() > cfg.timeout {
+                    return Err(EngineError::NoHello(cfg.timeout));
+                }
+                // A link that went down delivers no event to a replica that has nothing to
+                // send: silence from the primary for the timeout mid-run means it is gone.
+                if !core.is_finished() && last_progress.elapsed() > cfg.timeout {
+                    end = ReplicaEnd::PrimaryGone(format!(
+                        "nothing from the primary for {:?} before fin: the primary or the link went away",
+                        cfg.timeout
+                    ));
+                    break;
+                }
+                let cap = if fin_sent_at.is_some() {
+                    Duration::from_millis(20)
+                } else {
+                    Duration::from_secs(1)
+                };
+                let bound = wait_bound(last_progress.elapsed(), cfg.timeout, cap);
+                waiter.idle(links, &mut drive.ring, bound, &mut done)?;
+            }
+        }
+        let (blocks_written, bytes_written) = core.written();
+        Ok(ReplicaReport {
+            end,
+            blocks_written,
+            bytes_written,
+            failed_blocks: core.failed_blocks(),
+            payload_bytes_copied: meter.bytes(),
+            cpu: cpu_time().saturating_sub(cpu0),
+        })
+    }
+}
+
+/// The wire status of a failed drive operation: the NVMe status, else the errno.
+fn status_of(e: &crate::uring::Error) -> Status {
+    match e.nvme_status() {
+        Some(s) => Status::Nvme(s.0),
+        None => Status::Errno(e.errno().unwrap_or(libc::EIO) as u16),
+    }
+}
