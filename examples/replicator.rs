@@ -187,13 +187,21 @@ fn copy_text(c: CopyMode) -> &'static str {
     }
 }
 
+/// One status line to stderr in a single write, so lines of processes sharing a terminal
+/// (a primary and its replicas in the demo) do not interleave mid-line.
+fn say(mut line: String) {
+    use std::io::Write;
+    line.push('\n');
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
 // ---------------------------------------------------------------- primary
 
 fn run_primary(o: &Opts) -> Result<bool, EngineError> {
     let engine = PrimaryEngine::new(primary_config(o))?;
     let layout = *engine.layout();
     let n = o.replicas.len();
-    eprintln!(
+    say(format!(
         "primary: {} bytes at {} in {} blocks of {} to {n} replica(s), window {}, buffers {}{}, source {} ({}), wait {}",
         layout.len(),
         layout.offset(),
@@ -205,7 +213,7 @@ fn run_primary(o: &Opts) -> Result<bool, EngineError> {
         o.path,
         engine.backend(),
         o.wait
-    );
+    ));
     let progress = layout.len() >= (64 << 20) && !o.json;
     let mut shown = false;
     let report = engine.run_with(&mut |ev| {
@@ -322,13 +330,13 @@ fn run_replica(o: &Opts) -> Result<u8, EngineError> {
         reason: "is required".into(),
     })?;
     let engine = ReplicaEngine::new(replica_config(o, listen))?;
-    eprintln!(
+    say(format!(
         "replica: listening on {listen}, target {} ({} bytes, {}), write cache: {}",
         o.path,
         engine.capacity(),
         engine.backend(),
         engine.write_cache()
-    );
+    ));
     let line = format!(
         "replica: primary connected; buffers {}{}, wait {}",
         engine.buffers(),
@@ -337,7 +345,7 @@ fn run_replica(o: &Opts) -> Result<u8, EngineError> {
     );
     let report = engine.run_with(&mut |ev| {
         if matches!(ev, Event::Connected) {
-            eprintln!("{line}");
+            say(line.clone());
         }
     })?;
     let code = match &report.end {
@@ -347,14 +355,14 @@ fn run_replica(o: &Opts) -> Result<u8, EngineError> {
             3
         }
     };
-    eprintln!(
+    say(format!(
         "replica: wrote {} blocks ({} bytes), {} failed, payload bytes copied by the CPU: {}, CPU {:.3} s",
         report.blocks_written,
         report.bytes_written,
         report.failed_blocks,
         report.payload_bytes_copied,
         report.cpu.as_secs_f64()
-    );
+    ));
     Ok(code)
 }
 
