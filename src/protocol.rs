@@ -685,6 +685,34 @@ impl SeqStates {
             *s = v;
         }
     }
+    /// `Ok` if `seq` is in state `want`, else the [`ProtocolError::BadSequence`] for a `kind`
+    /// message, saying `why`.
+    fn expect(
+        &self,
+        seq: u64,
+        want: u8,
+        kind: &'static str,
+        why: &'static str,
+    ) -> Result<(), ProtocolError> {
+        if self.get(seq) == Some(want) {
+            Ok(())
+        } else {
+            Err(ProtocolError::BadSequence { kind, seq, why })
+        }
+    }
+    /// [`expect`](Self::expect) `from`, then move `seq` to `to`.
+    fn advance(
+        &mut self,
+        seq: u64,
+        from: u8,
+        to: u8,
+        kind: &'static str,
+        why: &'static str,
+    ) -> Result<(), ProtocolError> {
+        self.expect(seq, from, kind, why)?;
+        self.set(seq, to);
+        Ok(())
+    }
 }
 
 // Primary-side block states.
@@ -735,14 +763,13 @@ impl PrimarySide {
     /// [`ProtocolError::BadSequence`] if `seq` was not advertised or was already sent; this is
     /// a bug on the primary, reported rather than sent.
     pub fn on_sent(&mut self, seq: u64) -> Result<(), ProtocolError> {
-        if self.states.get(seq) != Some(P_ADVERTISED) {
-            return Err(ProtocolError::BadSequence {
-                kind: "block-sent",
-                seq,
-                why: "not advertised or already sent",
-            });
-        }
-        self.states.set(seq, P_SENT);
+        self.states.advance(
+            seq,
+            P_ADVERTISED,
+            P_SENT,
+            "block-sent",
+            "not advertised or already sent",
+        )?;
         Ok(())
     }
 
@@ -751,14 +778,13 @@ impl PrimarySide {
     /// # Errors
     /// [`ProtocolError::BadSequence`] if `seq` is not acked yet or was already asked.
     pub fn on_verify_request(&mut self, seq: u64) -> Result<(), ProtocolError> {
-        if self.states.get(seq) != Some(P_ACKED) {
-            return Err(ProtocolError::BadSequence {
-                kind: "verify-request",
-                seq,
-                why: "block not acked or already verified",
-            });
-        }
-        self.states.set(seq, P_VERIFY_ASKED);
+        self.states.advance(
+            seq,
+            P_ACKED,
+            P_VERIFY_ASKED,
+            "verify-request",
+            "block not acked or already verified",
+        )?;
         Ok(())
     }
 
@@ -858,25 +884,23 @@ impl PrimarySide {
                 Ok(())
             }
             Message::BlockWritten { seq, .. } => {
-                if self.states.get(seq) != Some(P_SENT) {
-                    return Err(ProtocolError::BadSequence {
-                        kind: "block-written",
-                        seq,
-                        why: "block was not sent or was already acked",
-                    });
-                }
-                self.states.set(seq, P_ACKED);
+                self.states.advance(
+                    seq,
+                    P_SENT,
+                    P_ACKED,
+                    "block-written",
+                    "block was not sent or was already acked",
+                )?;
                 self.open -= 1;
                 Ok(())
             }
             Message::VerifyResult { seq, len, .. } => {
-                if self.states.get(seq) != Some(P_VERIFY_ASKED) {
-                    return Err(ProtocolError::BadSequence {
-                        kind: "verify-result",
-                        seq,
-                        why: "no verify request outstanding for this block",
-                    });
-                }
+                self.states.expect(
+                    seq,
+                    P_VERIFY_ASKED,
+                    "verify-result",
+                    "no verify request outstanding for this block",
+                )?;
                 let want = self.config.block_len(seq).unwrap_or(0);
                 if len != want {
                     return Err(ProtocolError::Mismatch {
@@ -935,14 +959,13 @@ impl ReplicaSide {
     /// # Errors
     /// [`ProtocolError::BadSequence`] if `seq` is outside the range or already advertised.
     pub fn on_advertise(&mut self, seq: u64) -> Result<(), ProtocolError> {
-        if self.states.get(seq) != Some(R_NONE) {
-            return Err(ProtocolError::BadSequence {
-                kind: "buffer-ready",
-                seq,
-                why: "outside the range or already advertised",
-            });
-        }
-        self.states.set(seq, R_ADVERTISED);
+        self.states.advance(
+            seq,
+            R_NONE,
+            R_ADVERTISED,
+            "buffer-ready",
+            "outside the range or already advertised",
+        )?;
         Ok(())
     }
 
@@ -951,14 +974,13 @@ impl ReplicaSide {
     /// # Errors
     /// [`ProtocolError::BadSequence`] if `seq` was not received.
     pub fn on_ack(&mut self, seq: u64) -> Result<(), ProtocolError> {
-        if self.states.get(seq) != Some(R_RECEIVED) {
-            return Err(ProtocolError::BadSequence {
-                kind: "block-written",
-                seq,
-                why: "block not received or already acked",
-            });
-        }
-        self.states.set(seq, R_ACKED);
+        self.states.advance(
+            seq,
+            R_RECEIVED,
+            R_ACKED,
+            "block-written",
+            "block not received or already acked",
+        )?;
         Ok(())
     }
 
@@ -1009,13 +1031,12 @@ impl ReplicaSide {
                         why: "beyond the last block",
                     });
                 };
-                if self.states.get(seq) != Some(R_ADVERTISED) {
-                    return Err(ProtocolError::BadSequence {
-                        kind: "block-sent",
-                        seq,
-                        why: "no buffer advertised for it, or already received",
-                    });
-                }
+                self.states.expect(
+                    seq,
+                    R_ADVERTISED,
+                    "block-sent",
+                    "no buffer advertised for it, or already received",
+                )?;
                 let want_off = config.block_offset(seq);
                 if offset != want_off {
                     return Err(ProtocolError::Mismatch {
@@ -1039,13 +1060,8 @@ impl ReplicaSide {
                 Ok(())
             }
             Message::VerifyRequest { seq } => {
-                if self.states.get(seq) != Some(R_ACKED) {
-                    return Err(ProtocolError::BadSequence {
-                        kind: "verify-request",
-                        seq,
-                        why: "block not written here",
-                    });
-                }
+                self.states
+                    .expect(seq, R_ACKED, "verify-request", "block not written here")?;
                 Ok(())
             }
             Message::Fin { .. } => {
