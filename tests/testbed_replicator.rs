@@ -24,10 +24,11 @@ fn bin() -> PathBuf {
     p
 }
 
-fn fill_random(dev: &Path, mib: u32) {
+/// Overwrites the first `mib` MiB of `dev` from `input` (/dev/urandom, /dev/zero) with O_DIRECT.
+fn dd_from(input: &str, dev: &Path, mib: u32) {
     let o = tb::run(
         Command::new("dd")
-            .arg("if=/dev/urandom")
+            .arg(format!("if={input}"))
             .arg(format!("of={}", dev.display()))
             .args([
                 "bs=1M",
@@ -40,20 +41,12 @@ fn fill_random(dev: &Path, mib: u32) {
     assert!(o.status.success(), "{}", tb::text(&o));
 }
 
+fn fill_random(dev: &Path, mib: u32) {
+    dd_from("/dev/urandom", dev, mib);
+}
+
 fn zero(dev: &Path, mib: u32) {
-    let o = tb::run(
-        Command::new("dd")
-            .arg("if=/dev/zero")
-            .arg(format!("of={}", dev.display()))
-            .args([
-                "bs=1M",
-                &format!("count={mib}"),
-                "oflag=direct",
-                "status=none",
-            ]),
-        Duration::from_secs(120),
-    );
-    assert!(o.status.success(), "{}", tb::text(&o));
+    dd_from("/dev/zero", dev, mib);
 }
 
 fn read_range(dev: &Path, offset: u64, len: u64) -> Vec<u8> {
