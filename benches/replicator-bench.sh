@@ -51,20 +51,39 @@ rep_run() { # bufs copy nrep wait -> "mbs cpu copied replica1-cpu"
     sed 's/^/    primary: /' /tmp/replicator-primary.err >&2
   fi
 }
-R=(); W=(); I=(); IP=()
-# p2p modes are judged against the network bound with perftest's buffers in p2pmem too (under
-# emulation rxe's CPU copies out of the CMB BAR are MMIO accesses, far slower than DRAM)
+# Interleaved: each run measures the bound components and then every case once, so slow
+# phases of the host hit all cases alike and each case can be compared run by run.
 P2P=$([ -e /dev/p2pmem0 ] && case "$MODES" in *p2p*) echo 1;; esac)
+R=(); W=(); I=(); IP=()
+declare -A M C RC X XB
+CASES=()
+for nrep in $REPLICAS; do for m in $MODES; do for wait in $WAITS; do CASES+=("$nrep:$m:$wait"); done; done; done
 for i in $(seq 1 $RUNS); do
-  R+=($(fio_mbs read $SRC)); I+=($(ib_mbs)); W+=($(fio_mbs write $D2))
-  [ -n "$P2P" ] && IP+=($(ib_mbs --mmap=/dev/p2pmem0))
+  # p2p modes are judged against the network bound with perftest's buffers in p2pmem too
+  # (under emulation rxe's CPU copies out of the CMB BAR are MMIO accesses, far slower than DRAM)
+  r_i=$(fio_mbs read $SRC); i_i=$(ib_mbs); w_i=$(fio_mbs write $D2)
+  R+=($r_i); I+=($i_i); W+=($w_i)
+  [ -n "$P2P" ] && { ip_i=$(ib_mbs --mmap=/dev/p2pmem0); IP+=($ip_i); }
+  for c in "${CASES[@]}"; do
+    nrep=${c%%:*}; rest=${c#*:}; wait=${rest##*:}; m=${rest%:*}; bufs=${m%:*}; copy=${m#*:}
+    set -- $(rep_run $bufs $copy $nrep $wait)
+    if [ "$1" = FAIL ]; then M[$c]+="FAIL "; continue; fi
+    M[$c]+="$1 "; X[$c]=$3
+    C[$c]+="$(awk -v c=$2 -v s=$(bytes $SIZE) 'BEGIN{printf "%.2f", c / (s/1073741824)}') "
+    RC[$c]+="$(awk -v c=${4:-0} -v s=$(bytes $SIZE) 'BEGIN{printf "%.2f", c / (s/1073741824)}') "
+    # this run's bound: every replica's copy crosses the same rxe0 -> rxe1 path here, so N
+    # replicas share its bandwidth: the network part is ib_write_bw / N
+    nb=$i_i; [ "$bufs" = p2p ] && [ -n "$P2P" ] && nb=$ip_i
+    b=$(printf '%s\n' $r_i $(awk -v x=$nb -v n=$nrep 'BEGIN{printf "%.2f", x/n}') $w_i | sort -g | head -1)
+    XB[$c]+="$(awk -v a=$1 -v b=$b 'BEGIN{ if (b>0) printf "%.2f", a/b }') "
+  done
 done
 r=$(echo ${R[*]} | median); ib=$(echo ${I[*]} | median); w=$(echo ${W[*]} | median)
 bound=$(printf '%s\n' $r $ib $w | sort -g | head -1)
 if [ -n "$P2P" ]; then
   ibp=$(echo ${IP[*]} | median); pbound=$(printf '%s\n' $r $ibp $w | sort -g | head -1)
 fi
-echo "size $SIZE, block $BS, depth/window $WINDOW, runs $RUNS"
+echo "size $SIZE, block $BS, depth/window $WINDOW, runs $RUNS (interleaved: bound, then every case, per run)"
 echo "| bound component | MB/s (median) | runs |"
 echo "|---|---|---|"
 echo "| fio read source (io_uring, O_DIRECT) | $r | ${R[*]} |"
@@ -76,27 +95,23 @@ if [ -n "$P2P" ]; then
   echo "| **bottleneck bound, p2p buffers** (x bound of p2p modes) | $pbound | |"
 fi
 echo
-echo "x bound: against min(fio read, ib_write_bw / replicas, fio write), with the p2p ib_write_bw for p2p modes"
+echo "x bound: median over runs of (MB/s / that run's min(fio read, ib_write_bw / replicas, fio write)), with the p2p ib_write_bw for p2p modes"
 echo
-echo "| mode | wait | replicas | MB/s (median) | x bound | CPU s/GiB (primary) | CPU s/GiB (replica 1) | payload bytes copied | runs (MB/s) | runs (primary CPU s/GiB) |"
-echo "|---|---|---|---|---|---|---|---|---|---|"
-for nrep in $REPLICAS; do
-  for m in $MODES; do
-    for wait in $WAITS; do
-      bufs=${m%:*}; copy=${m#*:}; M=(); C=(); RC=(); X=""
-      for i in $(seq 1 $RUNS); do
-        set -- $(rep_run $bufs $copy $nrep $wait)
-        if [ "$1" = FAIL ]; then M+=(FAIL); continue; fi
-        M+=($1); C+=($(awk -v c=$2 -v s=$(bytes $SIZE) 'BEGIN{printf "%.2f", c / (s/1073741824)}')); X=$3
-        RC+=($(awk -v c=${4:-0} -v s=$(bytes $SIZE) 'BEGIN{printf "%.2f", c / (s/1073741824)}'))
-      done
-      mm=$(echo ${M[*]} | tr ' ' '\n' | grep -v FAIL | median); cc=$(echo ${C[*]} | median); rc=$(echo ${RC[*]} | median)
-      # every replica's copy crosses the same rxe0 -> rxe1 path here: N replicas share its
-      # bandwidth, so the network part of the bound is ib_write_bw / N
-      nb=$ib; [ "$bufs" = p2p ] && [ -n "$P2P" ] && nb=$ibp
-      b=$(printf '%s\n' $r $(awk -v x=$nb -v n=$nrep 'BEGIN{printf "%.2f", x/n}') $w | sort -g | head -1)
-      ratio=$(awk -v a=$mm -v b=$b 'BEGIN{ if (b>0) printf "%.2f", a/b }')
-      echo "| $bufs, copy $copy | $wait | $nrep | $mm | $ratio | $cc | $rc | $X | ${M[*]} | ${C[*]} |"
-    done
-  done
+echo "| mode | wait | replicas | MB/s (median) | x bound | CPU s/GiB (primary) | CPU s/GiB (replica 1) | payload bytes copied | runs (MB/s) | runs (x bound) | runs (primary CPU s/GiB) |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
+for c in "${CASES[@]}"; do
+  nrep=${c%%:*}; rest=${c#*:}; wait=${rest##*:}; m=${rest%:*}; bufs=${m%:*}; copy=${m#*:}
+  mm=$(echo ${M[$c]} | tr ' ' '\n' | grep -v FAIL | median); cc=$(echo ${C[$c]:-} | median)
+  rc=$(echo ${RC[$c]:-} | median); xb=$(echo ${XB[$c]:-} | median)
+  echo "| $bufs, copy $copy | $wait | $nrep | $mm | $xb | $cc | $rc | ${X[$c]:-} | ${M[$c]} | ${XB[$c]:-} | ${C[$c]:-} |"
+done
+# Zero-copy against bounce, run by run (same buffers, replicas and wait mode).
+for c in "${CASES[@]}"; do
+  case $c in *:none:*) ;; *) continue;; esac
+  b=${c/:none:/:bounce:}
+  [ -n "${M[$b]:-}" ] || continue
+  ratios=$(paste -d' ' <(echo ${M[$c]} | tr ' ' '\n') <(echo ${M[$b]} | tr ' ' '\n') |
+    awk '$1 != "FAIL" && $2 != "FAIL" && $2 > 0 {printf "%.2f ", $1/$2}')
+  echo
+  echo "zero-copy / bounce, $c: per run $ratios-> median $(echo $ratios | median)"
 done

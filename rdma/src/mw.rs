@@ -82,6 +82,13 @@ impl MemoryWindow {
         self.inner.rkey.load(Ordering::Acquire)
     }
 
+    /// The key the next bind posted on this window will give it. Lets a caller put the key
+    /// in a message posted in the same chain as the bind (RC executes the bind first). One
+    /// bind per window per chain: a second one in the same chain would get another key.
+    pub fn next_bind_rkey(&self) -> u32 {
+        self.next_rkey().1
+    }
+
     pub(crate) fn raw(&self) -> *mut ibv_mw {
         self.inner.mw
     }

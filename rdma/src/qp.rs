@@ -92,8 +92,86 @@ impl QpInit {
 /// Buffers (and windows) a posted work request holds until its completion is reaped.
 pub(crate) struct InFlight {
     wr_id: u64,
-    _regions: Vec<MemoryRegion>,
+    _regions: Held,
     _window: Option<MemoryWindow>,
+}
+
+/// The regions one WR keeps alive. Most WRs name zero or one region; holding those inline
+/// keeps posting free of heap allocations.
+#[allow(dead_code)] // the regions are held for their Drop, never read
+enum Held {
+    None,
+    One(MemoryRegion),
+    Many(Vec<MemoryRegion>),
+}
+
+impl Held {
+    fn of<'a>(mut mrs: impl Iterator<Item = &'a MemoryRegion>) -> Held {
+        match (mrs.next(), mrs.next()) {
+            (None, _) => Held::None,
+            (Some(a), None) => Held::One(a.clone()),
+            (Some(a), Some(b)) => {
+                let mut v = vec![a.clone(), b.clone()];
+                v.extend(mrs.cloned());
+                Held::Many(v)
+            }
+        }
+    }
+}
+
+/// Points each WR of a filled chain at its SGEs (consecutive in `sges`, `num_sge` each) and
+/// links it to the next. Returns the head to post: every pointer in the chain, and the head,
+/// derive from the same two base pointers and nothing writes through the slices afterwards.
+macro_rules! link_chain {
+    ($sges:expr, $raw:expr) => {{
+        let base = $sges.as_mut_ptr();
+        let len = $raw.len();
+        let head = $raw.as_mut_ptr();
+        let mut at = 0usize;
+        for i in 0..len {
+            // SAFETY: i < len: an element of the slice `head` came from; no other reference
+            // to it is used from here on.
+            let r = unsafe { &mut *head.add(i) };
+            let n = r.num_sge as usize;
+            r.sg_list = if n == 0 {
+                std::ptr::null_mut()
+            } else {
+                base.wrapping_add(at)
+            };
+            at += n;
+            if i + 1 < len {
+                r.next = head.wrapping_add(i + 1);
+            }
+        }
+        head
+    }};
+}
+
+/// How many WRs / SGEs a chain may have before its C structs go to the heap instead of the
+/// stack. The hot paths post one to a few WRs at a time.
+const STACK_CHAIN: usize = 16;
+
+/// Runs `f` on `n` zeroed `T`s: on the stack when `n <= STACK_CHAIN`, else on the heap.
+///
+/// # Safety
+/// `T` must be a plain C struct for which all-zero bytes are a valid value (`ibv_sge`,
+/// `ibv_send_wr`, `ibv_recv_wr`).
+unsafe fn with_zeroed<T, R>(n: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
+    if n <= STACK_CHAIN {
+        let mut a: [std::mem::MaybeUninit<T>; STACK_CHAIN] =
+            [const { std::mem::MaybeUninit::uninit() }; STACK_CHAIN];
+        for slot in &mut a[..n] {
+            // SAFETY (caller): zero is a valid T.
+            slot.write(unsafe { std::mem::zeroed() });
+        }
+        // SAFETY: the first n elements were just initialized; MaybeUninit<T> has T's layout.
+        let init = unsafe { &mut *(&mut a[..n] as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
+        f(init)
+    } else {
+        // SAFETY (caller): zero is a valid T.
+        let mut v: Vec<T> = (0..n).map(|_| unsafe { std::mem::zeroed() }).collect();
+        f(&mut v)
+    }
 }
 
 /// Per-QP state shared with the CQs (weakly) so reaping a completion releases its buffers.
@@ -272,38 +350,54 @@ impl QueuePair {
         if wrs.is_empty() {
             return Ok(());
         }
-        let nsge: usize = wrs.iter().map(|w| w.sges.len().max(1)).sum();
-        let mut sges: Vec<ibv_sge> = Vec::with_capacity(nsge);
-        // SAFETY: ibv_send_wr is plain C data; zero is valid.
-        let mut raw: Vec<ibv_send_wr> = (0..wrs.len())
-            .map(|_| unsafe { std::mem::zeroed() })
-            .collect();
-        let mut keep: Vec<InFlight> = Vec::with_capacity(wrs.len());
-        let mut binds: Vec<(usize, MemoryWindow, u32)> = Vec::new();
         for w in wrs {
             self.check_send(w)?;
+        }
+        let nsge: usize = wrs
+            .iter()
+            .map(|w| if w.inline.is_some() { 1 } else { w.sges.len() })
+            .sum();
+        // SAFETY: ibv_sge and ibv_send_wr are plain C structs; zero is valid.
+        unsafe {
+            with_zeroed(nsge, |sges: &mut [ibv_sge]| {
+                with_zeroed(wrs.len(), |raw: &mut [ibv_send_wr]| {
+                    self.post_send_chain(wrs, sges, raw)
+                })
+            })
+        }
+    }
+
+    /// Fills `sges` and `raw` (zeroed, sized for `wrs`) from `wrs`, records what each WR
+    /// holds and posts the chain.
+    fn post_send_chain(
+        &self,
+        wrs: &[SendRequest],
+        sges: &mut [ibv_sge],
+        raw: &mut [ibv_send_wr],
+    ) -> Result<()> {
+        let mut binds: Vec<(usize, MemoryWindow, u32)> = Vec::new();
+        let mut q = lock(&self.shared.send);
+        let before = q.len();
+        let mut sge_at = 0usize;
+        for (i, w) in wrs.iter().enumerate() {
+            let first = sge_at;
             if let Some(data) = &w.inline {
-                sges.push(ibv_sge {
+                sges[sge_at] = ibv_sge {
                     addr: data.as_ptr() as u64,
                     length: data.len() as u32,
                     lkey: 0,
-                });
+                };
+                sge_at += 1;
             } else {
-                sges.extend(w.sges.iter().map(|s| s.raw()));
+                for s in &w.sges {
+                    sges[sge_at] = s.raw();
+                    sge_at += 1;
+                }
             }
-        }
-        let mut sge_at = 0usize;
-        for (i, w) in wrs.iter().enumerate() {
-            let n = if w.inline.is_some() { 1 } else { w.sges.len() };
+            let n = sge_at - first;
             let r = &mut raw[i];
             r.wr_id = w.wr_id;
             r.num_sge = n as i32;
-            r.sg_list = if n == 0 {
-                std::ptr::null_mut()
-            } else {
-                sges[sge_at..].as_mut_ptr()
-            };
-            sge_at += n;
             let mut flags = 0u32;
             if w.signaled {
                 flags |= ibv_send_flags::IBV_SEND_SIGNALED.0;
@@ -319,6 +413,7 @@ impl QueuePair {
             }
             r.send_flags = flags;
             let mut window = None;
+            let mut bound_mr = None;
             match &w.op {
                 SendOp::Send => r.opcode = ibv_wr_opcode::IBV_WR_SEND,
                 SendOp::SendWithImm(imm) => {
@@ -376,35 +471,26 @@ impl QueuePair {
                     };
                     binds.push((i, mw.clone(), next));
                     window = Some(mw.clone());
+                    bound_mr = Some(mr);
                 }
             }
-            let mut regions: Vec<MemoryRegion> = w.sges.iter().map(|s| s.mr.clone()).collect();
-            if let SendOp::BindWindow { mr, .. } = &w.op {
-                regions.push(mr.clone());
-            }
-            keep.push(InFlight {
+            q.push_back(InFlight {
                 wr_id: w.wr_id,
-                _regions: regions,
+                _regions: Held::of(w.sges.iter().map(|s| &s.mr).chain(bound_mr)),
                 _window: window,
             });
         }
-        for i in 0..raw.len().saturating_sub(1) {
-            let next: *mut ibv_send_wr = &mut raw[i + 1];
-            raw[i].next = next;
-        }
-        let mut q = lock(&self.shared.send);
-        let before = q.len();
-        q.extend(keep);
+        let head = link_chain!(sges, raw);
         let mut bad: *mut ibv_send_wr = std::ptr::null_mut();
         // SAFETY: the chain, its SGLs and inline data live until the call returns; the
         // memory the SGEs name is kept alive by the in-flight entries just recorded.
-        let rc = unsafe { ibv_post_send(self.qp, raw.as_mut_ptr(), &mut bad) };
+        let rc = unsafe { ibv_post_send(self.qp, head, &mut bad) };
         if rc != 0 {
             let posted = if bad.is_null() {
                 0
             } else {
-                // SAFETY: bad points into `raw`.
-                unsafe { bad.offset_from(raw.as_ptr()) as usize }
+                // SAFETY: bad points into the chain starting at `head`.
+                unsafe { bad.offset_from(head) as usize }
             };
             q.truncate(before + posted);
             // binds before the failing WR were posted: their windows now have the new key
@@ -509,49 +595,41 @@ fn post_recv_chain(
     if wrs.is_empty() {
         return Ok(());
     }
-    let mut sges: Vec<ibv_sge> = wrs
-        .iter()
-        .flat_map(|w| w.sges.iter().map(|s| s.raw()))
-        .collect();
-    // SAFETY: plain C struct; zero is valid.
-    let mut raw: Vec<ibv_recv_wr> = (0..wrs.len())
-        .map(|_| unsafe { std::mem::zeroed() })
-        .collect();
-    let mut at = 0;
-    for (i, w) in wrs.iter().enumerate() {
-        raw[i].wr_id = w.wr_id;
-        raw[i].num_sge = w.sges.len() as i32;
-        raw[i].sg_list = if w.sges.is_empty() {
-            std::ptr::null_mut()
-        } else {
-            sges[at..].as_mut_ptr()
-        };
-        at += w.sges.len();
-    }
-    for i in 0..raw.len() - 1 {
-        let next: *mut ibv_recv_wr = &mut raw[i + 1];
-        raw[i].next = next;
-    }
-    let mut q = lock(table);
-    let before = q.len();
-    q.extend(wrs.iter().map(|w| InFlight {
-        wr_id: w.wr_id,
-        _regions: w.sges.iter().map(|s| s.mr.clone()).collect(),
-        _window: None,
-    }));
-    let mut bad: *mut ibv_recv_wr = std::ptr::null_mut();
-    let rc = post(raw.as_mut_ptr(), &mut bad);
-    if rc != 0 {
-        let posted = if bad.is_null() {
-            0
-        } else {
-            // SAFETY: bad points into `raw`.
-            unsafe { bad.offset_from(raw.as_ptr()) as usize }
-        };
-        q.truncate(before + posted);
-        return Err(Error::from_ret(op, rc));
-    }
-    Ok(())
+    let nsge: usize = wrs.iter().map(|w| w.sges.len()).sum();
+    let chain = |sges: &mut [ibv_sge], raw: &mut [ibv_recv_wr]| -> Result<()> {
+        let mut at = 0;
+        for (i, w) in wrs.iter().enumerate() {
+            raw[i].wr_id = w.wr_id;
+            raw[i].num_sge = w.sges.len() as i32;
+            for s in &w.sges {
+                sges[at] = s.raw();
+                at += 1;
+            }
+        }
+        let head = link_chain!(sges, raw);
+        let mut q = lock(table);
+        let before = q.len();
+        q.extend(wrs.iter().map(|w| InFlight {
+            wr_id: w.wr_id,
+            _regions: Held::of(w.sges.iter().map(|s| &s.mr)),
+            _window: None,
+        }));
+        let mut bad: *mut ibv_recv_wr = std::ptr::null_mut();
+        let rc = post(head, &mut bad);
+        if rc != 0 {
+            let posted = if bad.is_null() {
+                0
+            } else {
+                // SAFETY: bad points into the chain starting at `head`.
+                unsafe { bad.offset_from(head) as usize }
+            };
+            q.truncate(before + posted);
+            return Err(Error::from_ret(op, rc));
+        }
+        Ok(())
+    };
+    // SAFETY: ibv_sge and ibv_recv_wr are plain C structs; zero is valid.
+    unsafe { with_zeroed(nsge, |sges| with_zeroed(wrs.len(), |raw| chain(sges, raw))) }
 }
 
 /// A shared receive queue: one pool of receive buffers for many QPs. Cheap to clone.

@@ -2,6 +2,7 @@
 //! connection, its CQ (on a completion channel in [`WaitMode::Events`]), and its ring of
 //! posted receives for 64-byte control messages.
 
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -57,7 +58,17 @@ pub(crate) struct Link {
     pub(crate) mrs: HashMap<u32, MemoryRegion>,
     pub(crate) pd: ProtectionDomain,
     pub(crate) alive: bool,
+    /// Send-queue WRs queued by one round of the engine loop, posted together by
+    /// [`flush`](Link::flush): one `ibv_post_send` (one doorbell, one system call on rxe)
+    /// for a block's WRITE and its `BlockSent`, or a window bind and its `BufferReady`.
+    pending: RefCell<Vec<SendRequest>>,
+    /// Unsignalled WRs queued since the last signalled one (see [`queue`](Link::queue)).
+    unsignalled: Cell<u32>,
 }
+
+/// At most this many unsignalled WRs in a row: their send-queue slots are freed only by a
+/// later signalled completion, and a replica's read-back phase sends only messages.
+const SIGNAL_EVERY: u32 = 64;
 
 /// The PD, CQ (with a channel in events mode) and receive region for a new QP on `ctx`.
 fn resources(
@@ -135,6 +146,8 @@ impl Link {
                         mrs,
                         pd,
                         alive: true,
+                        pending: RefCell::new(Vec::new()),
+                        unsignalled: Cell::new(0),
                     })
                 }
                 Err(rdma::Error::Rejected { .. }) if Instant::now() < give_up => {
@@ -170,16 +183,52 @@ impl Link {
             mrs,
             pd,
             alive: true,
+            pending: RefCell::new(Vec::new()),
+            unsignalled: Cell::new(0),
         })
     }
 
-    /// Posts a control message (inline SEND).
+    /// Queues a work request for the next [`flush`](Self::flush). Every
+    /// [`SIGNAL_EVERY`]th WR in a row of unsignalled ones is signalled.
+    pub(crate) fn queue(&self, mut wr: SendRequest) {
+        if wr.signaled || self.unsignalled.get() + 1 >= SIGNAL_EVERY {
+            wr.signaled = true;
+            self.unsignalled.set(0);
+        } else {
+            self.unsignalled.set(self.unsignalled.get() + 1);
+        }
+        self.pending.borrow_mut().push(wr);
+    }
+
+    /// Queues a control message: an inline SEND, unsignalled. Its send-queue slot is freed
+    /// by the next signalled WR's completion (RC completes in order); a failure still
+    /// produces an error completion.
+    pub(crate) fn queue_msg(&self, m: &Message) {
+        self.queue(SendRequest::send_inline(WR_SEND, &m.encode()).unsignaled());
+    }
+
+    /// Posts everything queued, in order, as one chain.
     ///
     /// # Errors
-    /// The verbs error of `ibv_post_send` (ENOMEM: send queue full).
+    /// The verbs error of `ibv_post_send` (EINVAL: the QP is in the error state; ENOMEM:
+    /// send queue full). WRs before the failing one were posted.
+    pub(crate) fn flush(&self) -> Result<(), rdma::Error> {
+        let mut q = self.pending.borrow_mut();
+        if q.is_empty() {
+            return Ok(());
+        }
+        let r = self.conn.post_send(&q);
+        q.clear();
+        r
+    }
+
+    /// Posts a control message now (after anything queued).
+    ///
+    /// # Errors
+    /// As for [`flush`](Self::flush).
     pub(crate) fn send(&self, m: &Message) -> Result<(), rdma::Error> {
-        self.conn
-            .post_send(&[SendRequest::send_inline(WR_SEND, &m.encode())])
+        self.queue_msg(m);
+        self.flush()
     }
 
     /// A received control message: copies its bytes out and re-posts the receive.

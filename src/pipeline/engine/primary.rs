@@ -191,13 +191,7 @@ impl PrimaryEngine {
                 match a {
                     PrimaryAction::Send { replica, msg } => {
                         if links[replica].alive {
-                            if let Err(e) = links[replica].send(&msg) {
-                                core.on_replica_lost(
-                                    replica,
-                                    format!("posting {}: {e}", msg.name()),
-                                    &mut out,
-                                );
-                            }
+                            links[replica].queue_msg(&msg);
                         }
                     }
                     PrimaryAction::Read { seq, offset, len } => {
@@ -231,21 +225,21 @@ impl PrimaryEngine {
                             .mrs
                             .get(&b.chunk_id())
                             .ok_or(EngineError::Internal("slot chunk not registered"))?;
-                        let post =
-                            mr.sge(b.offset_in_chunk(), remote.len as usize)
-                                .and_then(|sge| {
-                                    link.conn.post_send(&[SendRequest::new(
-                                        WR_WRITE | seq,
-                                        SendOp::Write(rdma::RemoteBuf {
-                                            addr: remote.addr,
-                                            len: remote.len,
-                                            rkey: remote.rkey,
-                                        }),
-                                        vec![sge],
-                                    )])
-                                });
-                        if let Err(e) = post {
-                            core.on_write_done(replica, seq, Err(e.to_string()), &mut out);
+                        // Queued: posted with the BlockSent the core asks for next, in one
+                        // chain (RC keeps them in order on the QP).
+                        match mr.sge(b.offset_in_chunk(), remote.len as usize) {
+                            Ok(sge) => link.queue(SendRequest::new(
+                                WR_WRITE | seq,
+                                SendOp::Write(rdma::RemoteBuf {
+                                    addr: remote.addr,
+                                    len: remote.len,
+                                    rkey: remote.rkey,
+                                }),
+                                vec![sge],
+                            )),
+                            Err(e) => {
+                                core.on_write_done(replica, seq, Err(e.to_string()), &mut out)
+                            }
                         }
                     }
                     PrimaryAction::Release { seq } => {
@@ -255,6 +249,8 @@ impl PrimaryEngine {
                     }
                     PrimaryAction::Disconnect { replica } => {
                         if links[replica].alive {
+                            // What was queued before (a Fin) leaves first.
+                            let _ = links[replica].flush();
                             links[replica].alive = false;
                             let _ = links[replica].conn.disconnect(Duration::from_millis(500));
                         }
@@ -262,6 +258,16 @@ impl PrimaryEngine {
                 }
                 actions.extend(out.drain(..));
             }
+            // One doorbell per replica for everything this round queued.
+            for (r, link) in links.iter().enumerate() {
+                if link.alive {
+                    if let Err(e) = link.flush() {
+                        busy = true;
+                        core.on_replica_lost(r, format!("posting work requests: {e}"), &mut out);
+                    }
+                }
+            }
+            actions.extend(out.drain(..));
             // Source reads (some may have arrived while waiting).
             drive
                 .ring

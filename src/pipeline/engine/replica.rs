@@ -184,10 +184,6 @@ impl ReplicaEngine {
         let mut fin_sent_at: Option<Instant> = None;
         let mut last_progress = Instant::now();
         let cpu0 = cpu_time();
-        let send = |link: &Link, m: &Message| {
-            link.send(m)
-                .map_err(|e| EngineError::rdma(format!("posting {}", m.name()), e))
-        };
         'run: loop {
             let link = &links[0];
             let mut busy = false;
@@ -195,7 +191,7 @@ impl ReplicaEngine {
                 busy = true;
                 match a {
                     ReplicaAction::Send(m) => {
-                        send(link, &m)?;
+                        link.queue_msg(&m);
                         if matches!(m, Message::Fin { .. }) {
                             fin_sent_at = Some(Instant::now());
                         }
@@ -224,17 +220,17 @@ impl ReplicaEngine {
                             b.offset_in_chunk() as u64,
                             u64::from(len),
                             WindowAccess::none().remote_write(),
-                        );
-                        link.conn
-                            .post_send(&[bind])
-                            .map_err(|e| EngineError::rdma("binding a memory window", e))?;
-                        let m = Message::BufferReady {
+                        )
+                        .unsignaled();
+                        // Posted in one chain with the bind, so name the key it will set.
+                        let rkey = mws[slot].next_bind_rkey();
+                        link.queue(bind);
+                        link.queue_msg(&Message::BufferReady {
                             seq,
                             addr: b.addr() as u64,
-                            rkey: mws[slot].rkey(),
+                            rkey,
                             len,
-                        };
-                        send(link, &m)?;
+                        });
                     }
                     ReplicaAction::Write {
                         slot,
@@ -244,13 +240,11 @@ impl ReplicaEngine {
                     } => {
                         // Revoke the window before the drive reads the buffer.
                         pending_write.insert(slot, (seq, offset, len));
-                        link.conn
-                            .post_send(&[SendRequest::new(
-                                WR_INV | slot as u64,
-                                SendOp::LocalInv(mws[slot].rkey()),
-                                Vec::new(),
-                            )])
-                            .map_err(|e| EngineError::rdma("invalidating a memory window", e))?;
+                        link.queue(SendRequest::new(
+                            WR_INV | slot as u64,
+                            SendOp::LocalInv(mws[slot].rkey()),
+                            Vec::new(),
+                        ));
                     }
                     ReplicaAction::ReadBack { seq, offset, len } => {
                         let mut buf = HostBuf::new(len as usize);
@@ -270,6 +264,10 @@ impl ReplicaEngine {
                 }
                 actions.extend(out.drain(..));
             }
+            // One doorbell for everything this round queued (binds with their BufferReady,
+            // invalidations, acks).
+            link.flush()
+                .map_err(|e| EngineError::rdma("posting work requests", e))?;
             // RDMA completions, polled dry.
             loop {
                 let got = link
