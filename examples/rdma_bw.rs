@@ -2,8 +2,9 @@
 //! `ib_write_bw -R` and `ib_write_lat -R` (same parameters, same output columns).
 //!
 //! ```text
-//! server: rdma_bw [bw|lat] [-a BIND_ADDR] [-p PORT]
-//! client: rdma_bw [bw|lat] [-s SIZE] [-n ITERS] [-t TX_DEPTH] [--source_ip ADDR] [-p PORT] SERVER
+//! server: rdma_bw [bw|lat] [-a BIND_ADDR] [-p PORT] [-u QP_TIMEOUT]
+//! client: rdma_bw [bw|lat] [-s SIZE] [-n ITERS] [-t TX_DEPTH] [-l POST_LIST] [-Q CQ_MOD]
+//!                 [-u QP_TIMEOUT] [--source_ip ADDR] [-p PORT] SERVER
 //! ```
 //! The client sends the test parameters and its buffer in the connect private data; the
 //! server answers with its buffer in the accept private data. BW is MiB/s (like perftest).
@@ -27,6 +28,15 @@ struct Opts {
     size: usize,
     iters: u64,
     tx_depth: u32,
+    /// WRs per `ibv_post_send` (perftest's `--post_list`, default 1 like perftest: on rxe a
+    /// chain is handed to the kernel only once it is complete, while single posts let the
+    /// kernel start sending the first WR at once)
+    post_list: u32,
+    /// a signalled WR every `cq_mod` (perftest's `-Q/--cq-mod`, default 100 like perftest)
+    cq_mod: u32,
+    /// local ACK timeout exponent (perftest's `-u/--qp-timeout`, default 14 like perftest:
+    /// a lost packet is resent after 67 ms instead of rdma_cm's RoCE default of ~0.5 s)
+    qp_timeout: u8,
     port: u16,
     bind: Option<IpAddr>,
     source: Option<IpAddr>,
@@ -39,6 +49,9 @@ fn parse() -> std::result::Result<Opts, String> {
         size: 65536,
         iters: 0,
         tx_depth: 128,
+        post_list: 1,
+        cq_mod: 100,
+        qp_timeout: 14,
         port: 18515,
         bind: None,
         source: None,
@@ -63,6 +76,19 @@ fn parse() -> std::result::Result<Opts, String> {
             "-t" | "--tx-depth" => {
                 o.tx_depth = val(&mut i)?.parse().map_err(|e| format!("tx-depth: {e}"))?
             }
+            "-l" | "--post_list" => {
+                o.post_list = val(&mut i)?
+                    .parse()
+                    .map_err(|e| format!("post_list: {e}"))?
+            }
+            "-Q" | "--cq-mod" => {
+                o.cq_mod = val(&mut i)?.parse().map_err(|e| format!("cq-mod: {e}"))?
+            }
+            "-u" | "--qp-timeout" => {
+                o.qp_timeout = val(&mut i)?
+                    .parse()
+                    .map_err(|e| format!("qp-timeout: {e}"))?
+            }
             "-p" | "--port" => o.port = val(&mut i)?.parse().map_err(|e| format!("port: {e}"))?,
             "-a" | "--bind" => {
                 o.bind = Some(val(&mut i)?.parse().map_err(|e| format!("bind: {e}"))?)
@@ -85,8 +111,8 @@ fn parse() -> std::result::Result<Opts, String> {
     if o.iters == 0 {
         o.iters = if o.mode == Mode::Bw { 5000 } else { 1000 };
     }
-    if o.size == 0 || o.iters < 5 || o.tx_depth == 0 {
-        return Err("size must be > 0, iters >= 5, tx-depth > 0".into());
+    if o.size == 0 || o.iters < 5 || o.tx_depth == 0 || o.post_list == 0 {
+        return Err("size must be > 0, iters >= 5, tx-depth > 0, post_list > 0".into());
     }
     Ok(o)
 }
@@ -163,6 +189,7 @@ fn run_server(o: &Opts) -> Result<()> {
         &ConnParams {
             private_data: reply,
             timeout: T,
+            ack_timeout: Some(o.qp_timeout),
             ..Default::default()
         },
     )?;
@@ -240,12 +267,15 @@ fn pingpong(
         }
         Ok(())
     };
+    // Like ib_write_lat: one time stamp per ping, taken just before posting it; a round trip
+    // is the gap between consecutive stamps (the last one closes when the last pong lands).
+    let mut stamps: Vec<u64> = Vec::with_capacity(iters as usize + 1);
+    let wall = Instant::now();
     for n in 0..iters {
-        let t0 = Instant::now();
         if client {
+            stamps.push(ticks());
             post(n, &mut outstanding)?;
             wait_value(n)?;
-            rtts.push(t0.elapsed());
         } else {
             wait_value(n)?;
             post(n, &mut outstanding)?;
@@ -259,6 +289,17 @@ fn pingpong(
             outstanding -= k as u32;
         }
     }
+    if client {
+        stamps.push(ticks());
+        // ticks -> time, with the rate measured over this run
+        let (first, last) = (stamps[0], stamps[stamps.len() - 1]);
+        let ns_per_tick = wall.elapsed().as_nanos() as f64 / (last - first).max(1) as f64;
+        rtts.extend(
+            stamps
+                .windows(2)
+                .map(|w| Duration::from_nanos(((w[1] - w[0]) as f64 * ns_per_tick) as u64)),
+        );
+    }
     while outstanding > 0 {
         let k = conn.wait_completions(cq, &mut comps, T)?;
         for c in &comps[..k] {
@@ -267,6 +308,26 @@ fn pingpong(
         outstanding -= k as u32;
     }
     Ok(rtts)
+}
+
+/// A time stamp in CPU ticks: the time-stamp counter on x86-64 (one instruction, like
+/// perftest's get_cycles, and no system call whatever the kernel's clocksource), else
+/// nanoseconds from a monotonic clock.
+fn ticks() -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: RDTSC exists on every x86-64 CPU and has no side effects.
+        #[allow(unused_unsafe)]
+        unsafe {
+            std::arch::x86_64::_rdtsc()
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        use std::sync::OnceLock;
+        static START: OnceLock<Instant> = OnceLock::new();
+        START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    }
 }
 
 fn connect(
@@ -296,6 +357,7 @@ fn connect(
         &ConnParams {
             private_data: pdata,
             timeout: T,
+            ack_timeout: Some(o.qp_timeout),
             ..Default::default()
         },
     )?;
@@ -317,14 +379,14 @@ fn connect(
 fn run_bw(o: &Opts, server: IpAddr) -> Result<()> {
     let (conn, _pd, cq, src, remote) = connect(o, server)?;
     let depth = conn.caps().max_send_wr.min(o.tx_depth) as u64;
-    let cq_mod = (depth / 2).clamp(1, 100);
+    let cq_mod = u64::from(o.cq_mod).clamp(1, depth);
     let iters = o.iters;
     let (mut posted, mut completed) = (0u64, 0u64);
     let mut comps = [EMPTY_COMPLETION; 32];
     let mut done_at: Vec<(u64, Instant)> = Vec::new();
     let start = Instant::now();
     // Built once and rewritten in place (id, signalled flag) for every post.
-    let mut batch: Vec<SendRequest> = (0..32)
+    let mut batch: Vec<SendRequest> = (0..o.post_list.min(depth as u32))
         .map(|_| SendRequest::write(0, vec![src.sge_all()], remote))
         .collect();
     while completed < iters {
@@ -365,8 +427,9 @@ fn run_bw(o: &Opts, server: IpAddr) -> Result<()> {
     );
     println!("                    RDMA_Write BW Test (peerpipe-rdma)");
     println!(
-        " Device: {}  TX depth: {depth}  CQ moderation: {cq_mod}",
-        conn.context().name()
+        " Device: {}  TX depth: {depth}  CQ moderation: {cq_mod}  Post list: {}",
+        conn.context().name(),
+        batch.len()
     );
     println!(
         "---------------------------------------------------------------------------------------"

@@ -345,6 +345,12 @@ pub struct ConnParams {
     pub rnr_retry_count: u8,
     /// Timeout for each phase: address resolution, route resolution, connect/accept.
     pub timeout: Duration,
+    /// Local ACK timeout of the QP as the verbs exponent (0..=31): a packet not acknowledged
+    /// within 4.096 us * 2^n is retransmitted. `None` keeps rdma_cm's default, which on RoCE
+    /// is 17 (about 0.5 s, from a packet lifetime of 16), so one lost packet stalls the QP
+    /// that long. perftest sets 14 (67 ms). Lower values recover faster from loss but give up
+    /// sooner on a slow peer (`retry_count` times this).
+    pub ack_timeout: Option<u8>,
 }
 
 impl Default for ConnParams {
@@ -356,8 +362,41 @@ impl Default for ConnParams {
             retry_count: 7,
             rnr_retry_count: 7,
             timeout: Duration::from_secs(5),
+            ack_timeout: None,
         }
     }
+}
+
+// rdma-sys 0.3 does not export librdmacm's option enums; values from <rdma/rdma_cma.h>.
+const RDMA_OPTION_ID: i32 = 0;
+const RDMA_OPTION_ID_ACK_TIMEOUT: i32 = 3;
+
+/// Sets the QP's local ACK timeout on `id` (before rdma_connect / rdma_accept, which move the
+/// QP to RTS with it).
+fn set_ack_timeout(id: *mut rdma_cm_id, p: &ConnParams) -> Result<()> {
+    let Some(mut t) = p.ack_timeout else {
+        return Ok(());
+    };
+    if t > 31 {
+        return Err(Error::InvalidArgument {
+            op: "rdma_set_option(ACK_TIMEOUT)",
+            reason: format!("ack_timeout {t} is not a verbs timeout exponent (0..=31)"),
+        });
+    }
+    // SAFETY: valid id; optval points to one byte that lives across the call.
+    let rc = unsafe {
+        rdma_set_option(
+            id,
+            RDMA_OPTION_ID,
+            RDMA_OPTION_ID_ACK_TIMEOUT,
+            (&mut t as *mut u8).cast(),
+            1,
+        )
+    };
+    if rc != 0 {
+        return Err(Error::last_os("rdma_set_option(ACK_TIMEOUT)"));
+    }
+    Ok(())
 }
 
 fn raw_conn_param(p: &ConnParams, ctx: &Context, max_pd: usize) -> Result<rdma_conn_param> {
@@ -466,8 +505,9 @@ impl Connector {
     ///
     /// # Errors
     /// `Rejected` (with the peer's private data), `Cm { event: "UNREACHABLE" | "CONNECT_ERROR" }`,
-    /// `Timeout`, `InvalidArgument` (PD/CQ of another device, private data over 56 bytes),
-    /// `Verbs { op: "rdma_create_qp" | "rdma_connect" }`.
+    /// `Timeout`, `InvalidArgument` (PD/CQ of another device, private data over 56 bytes,
+    /// `ack_timeout` over 31), `Verbs { op: "rdma_create_qp" | "rdma_set_option(ACK_TIMEOUT)" |
+    /// "rdma_connect" }`.
     pub fn connect(self, init: &QpInit, params: &ConnParams) -> Result<Connection> {
         self.connect_with(init, params, |_| Ok(()))
     }
@@ -484,6 +524,7 @@ impl Connector {
         prepare: impl FnOnce(&QueuePair) -> Result<()>,
     ) -> Result<Connection> {
         let qp = prepared_qp(&self.id, &self.ctx, init, prepare)?;
+        set_ack_timeout(self.id.id, params)?;
         let mut cp = raw_conn_param(params, &self.ctx, 56)?;
         // SAFETY: valid id with a QP; cp and its private data live across the call.
         let rc = unsafe { rdma_connect(self.id.id, &mut cp) };
@@ -626,7 +667,8 @@ impl ConnectRequest {
     ///
     /// # Errors
     /// `Timeout`, `Disconnected`, `InvalidArgument` (PD/CQ of another device, private data over
-    /// 196 bytes), `Verbs { op: "rdma_create_qp" | "rdma_accept" }`.
+    /// 196 bytes, `ack_timeout` over 31), `Verbs { op: "rdma_create_qp" |
+    /// "rdma_set_option(ACK_TIMEOUT)" | "rdma_accept" }`.
     pub fn accept(self, init: &QpInit, params: &ConnParams) -> Result<Connection> {
         self.accept_with(init, params, |_| Ok(()))
     }
@@ -643,6 +685,7 @@ impl ConnectRequest {
         prepare: impl FnOnce(&QueuePair) -> Result<()>,
     ) -> Result<Connection> {
         let qp = prepared_qp(&self.id, &self.ctx, init, prepare)?;
+        set_ack_timeout(self.id.id, params)?;
         let mut p = params.clone();
         p.responder_resources = p.responder_resources.min(self.peer_initiator_depth);
         p.initiator_depth = p.initiator_depth.min(self.peer_responder_resources);

@@ -328,6 +328,31 @@ impl QueuePair {
         &self.init.recv_cq
     }
 
+    /// The QP's local ACK timeout exponent (a packet is resent after 4.096 us * 2^n without
+    /// an ACK; 0 = never), as the device reports it.
+    ///
+    /// # Errors
+    /// `Verbs { op: "ibv_query_qp" }`.
+    pub fn ack_timeout(&self) -> Result<u8> {
+        // SAFETY: plain C structs; zero is valid.
+        let mut attr: ibv_qp_attr = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut init: ibv_qp_init_attr = unsafe { std::mem::zeroed() };
+        // SAFETY: valid QP; both out-structs live across the call.
+        let rc = unsafe {
+            ibv_query_qp(
+                self.qp,
+                &mut attr,
+                ibv_qp_attr_mask::IBV_QP_TIMEOUT.0 as i32,
+                &mut init,
+            )
+        };
+        if rc != 0 {
+            return Err(Error::from_ret("ibv_query_qp", rc));
+        }
+        Ok(attr.timeout)
+    }
+
     /// Number of posted send WRs whose buffers are still held (not yet reaped).
     pub fn send_in_flight(&self) -> usize {
         lock(&self.shared.send).len()

@@ -567,6 +567,61 @@ fn connect_errors_are_typed_and_bounded() {
 
 #[test]
 #[ignore = "skipped: no device (testbed test; run: cargo xtask test)"]
+fn ack_timeout_is_applied_to_both_ends() {
+    peerpipe_testbed::require_testbed();
+    // rdma_cm's own default on RoCE: packet lifetime 16 + 1
+    let (c, s) = pair(20031, PairOpts::default());
+    assert_eq!(
+        c.conn.qp().ack_timeout().unwrap(),
+        17,
+        "client, rdma_cm default"
+    );
+    assert_eq!(
+        s.conn.qp().ack_timeout().unwrap(),
+        17,
+        "server, rdma_cm default"
+    );
+    drop((c, s));
+    let (c, s) = pair(
+        20032,
+        PairOpts {
+            client_ack_timeout: Some(14),
+            server_ack_timeout: Some(12),
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        c.conn.qp().ack_timeout().unwrap(),
+        14,
+        "client, set before connect"
+    );
+    assert_eq!(
+        s.conn.qp().ack_timeout().unwrap(),
+        12,
+        "server, set before accept"
+    );
+    drop((c, s));
+    // out of range: refused before anything goes to the peer
+    let (a0, a1) = addrs();
+    let c = Connector::resolve(Some(a0), SocketAddr::new(a1, 20033), T).unwrap();
+    let ctx = c.context().clone();
+    let pd = ProtectionDomain::new(&ctx).unwrap();
+    let cq = CompletionQueue::new(&ctx, 16).unwrap();
+    let params = ConnParams {
+        ack_timeout: Some(32),
+        ..Default::default()
+    };
+    match c.connect(&QpInit::new(&pd, &cq), &params) {
+        Err(Error::InvalidArgument { op, reason }) => {
+            assert_eq!(op, "rdma_set_option(ACK_TIMEOUT)");
+            assert!(reason.contains("0..=31"), "{reason}");
+        }
+        other => panic!("expected InvalidArgument, got {:?}", other.map(|_| ())),
+    }
+}
+
+#[test]
+#[ignore = "skipped: no device (testbed test; run: cargo xtask test)"]
 fn connection_loop_leaks_nothing() {
     peerpipe_testbed::require_testbed();
     // warm-up: librdmacm opens its device contexts once per process

@@ -46,6 +46,8 @@ pub struct PairOpts {
     pub server_srq: bool,
     pub client_data: Vec<u8>,
     pub server_data: Vec<u8>,
+    pub client_ack_timeout: Option<u8>,
+    pub server_ack_timeout: Option<u8>,
 }
 
 fn make_cq(ctx: &Context) -> CompletionQueue {
@@ -60,6 +62,7 @@ pub fn pair(port: u16, opts: PairOpts) -> (Side, Side) {
     let caps = opts.caps;
     let srq_wanted = opts.server_srq;
     let sdata = opts.server_data.clone();
+    let server_ack = opts.server_ack_timeout;
     let server = std::thread::spawn(move || {
         let req = listener.get_request(3 * T).expect("connect request");
         eprintln!("pair: request on {}", req.context().name());
@@ -74,6 +77,7 @@ pub fn pair(port: u16, opts: PairOpts) -> (Side, Side) {
         let params = ConnParams {
             private_data: sdata,
             timeout: T,
+            ack_timeout: server_ack,
             ..Default::default()
         };
         let conn = req.accept(&init, &params).expect("accept");
@@ -93,6 +97,7 @@ pub fn pair(port: u16, opts: PairOpts) -> (Side, Side) {
     let params = ConnParams {
         private_data: opts.client_data,
         timeout: T,
+        ack_timeout: opts.client_ack_timeout,
         ..Default::default()
     };
     let conn = conn.connect(&init, &params).expect("connect");
