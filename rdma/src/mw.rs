@@ -83,8 +83,8 @@ impl MemoryWindow {
     }
 
     /// The key the next bind posted on this window will give it. Lets a caller put the key
-    /// in a message posted in the same chain as the bind (RC executes the bind first). One
-    /// bind per window per chain: a second one in the same chain would get another key.
+    /// in a message posted in the same chain as the bind (RC executes the bind first). A
+    /// chain may bind a window only once (`post_send` refuses a second bind).
     pub fn next_bind_rkey(&self) -> u32 {
         self.next_rkey().1
     }

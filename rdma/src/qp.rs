@@ -119,6 +119,28 @@ impl Held {
     }
 }
 
+/// Refuses a chain that binds the same window twice. The provider builds every WQE of a
+/// chain from the window's key as it is at post time, and the device checks that key
+/// against the window's current one, so a second bind of the window in the same chain
+/// would fail at completion (rxe: a bind error that moves the QP to the error state).
+fn check_one_bind_per_window(wrs: &[SendRequest]) -> Result<()> {
+    let mut seen: Vec<*mut ibv_mw> = Vec::new();
+    for w in wrs {
+        if let SendOp::BindWindow { window, .. } = &w.op {
+            if seen.contains(&window.raw()) {
+                return Err(Error::InvalidArgument {
+                    op: "ibv_post_send",
+                    reason: "the chain binds one memory window twice: post the second bind \
+                             in a later post_send, after the first"
+                        .into(),
+                });
+            }
+            seen.push(window.raw());
+        }
+    }
+    Ok(())
+}
+
 /// Points each WR of a filled chain at its SGEs (consecutive in `sges`, `num_sge` each) and
 /// links it to the next. Returns the head to post: every pointer in the chain, and the head,
 /// derive from the same two base pointers and nothing writes through the slices afterwards.
@@ -378,6 +400,7 @@ impl QueuePair {
         for w in wrs {
             self.check_send(w)?;
         }
+        check_one_bind_per_window(wrs)?;
         let nsge: usize = wrs
             .iter()
             .map(|w| if w.inline.is_some() { 1 } else { w.sges.len() })

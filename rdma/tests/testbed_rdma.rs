@@ -341,6 +341,53 @@ fn memory_window_bind_write_invalidate() {
 
 #[test]
 #[ignore = "skipped: no device (testbed test; run: cargo xtask test)"]
+fn memory_window_bound_twice_in_one_chain_is_refused() {
+    peerpipe_testbed::require_testbed();
+    let (_c, s) = pair(20034, PairOpts::default());
+    let region =
+        MemoryRegion::alloc(&s.pd, 8192, Access::default().local_write().mw_bind()).unwrap();
+    let mw = MemoryWindow::alloc(&s.pd).unwrap();
+    let key = mw.rkey();
+    let bind = |id, off| {
+        SendRequest::bind_window(
+            id,
+            &mw,
+            &region,
+            off,
+            4096,
+            WindowAccess::none().remote_write(),
+        )
+    };
+    match s.conn.post_send(&[bind(1, 0), bind(2, 4096)]) {
+        Err(Error::InvalidArgument { op, reason }) => {
+            assert_eq!(op, "ibv_post_send");
+            assert!(reason.contains("twice"), "{reason}");
+        }
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    }
+    assert_eq!(mw.rkey(), key, "nothing was posted");
+    assert_eq!(s.conn.qp().send_in_flight(), 0);
+    // one bind per post works; after invalidation the next bind gets a new key
+    s.conn.post_send(&[bind(3, 0)]).unwrap();
+    assert_eq!(s.wait_ok().opcode, WcOpcode::BindMw);
+    let first = mw.rkey();
+    s.conn
+        .post_send(&[SendRequest::new(5, SendOp::LocalInv(first), vec![])])
+        .unwrap();
+    s.wait_ok();
+    let predicted = mw.next_bind_rkey();
+    s.conn.post_send(&[bind(4, 4096)]).unwrap();
+    assert_eq!(
+        mw.rkey(),
+        predicted,
+        "next_bind_rkey names the key the bind sets"
+    );
+    assert_eq!(s.wait_ok().opcode, WcOpcode::BindMw);
+    assert_ne!(mw.rkey(), first);
+}
+
+#[test]
+#[ignore = "skipped: no device (testbed test; run: cargo xtask test)"]
 fn memory_window_write_after_local_invalidate_fails() {
     peerpipe_testbed::require_testbed();
     let (c, s) = pair(20005, PairOpts::default());
