@@ -92,6 +92,9 @@ impl QpInit {
 /// Buffers (and windows) a posted work request holds until its completion is reaped.
 pub(crate) struct InFlight {
     wr_id: u64,
+    /// Whether this WR produces a completion on success (receives always do). Ids need not
+    /// be unique, so a success completion is matched to the oldest *signalled* entry.
+    signaled: bool,
     _regions: Held,
     _window: Option<MemoryWindow>,
 }
@@ -208,10 +211,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Removes the entry with `wr_id` (and, for the in-order send queue, everything before it:
-/// earlier unsignalled WRs are complete once a later one is). Returns whether it was found.
-fn release_in(q: &mut VecDeque<InFlight>, wr_id: u64, in_order: bool) -> bool {
-    match q.iter().position(|e| e.wr_id == wr_id) {
+/// Removes the entry a completion with `wr_id` belongs to (and, for an in-order queue,
+/// everything before it: earlier unsignalled WRs are complete once a later one is). A success
+/// completion belongs to the oldest signalled entry with that id; an error completion (also
+/// produced for unsignalled WRs) to the oldest entry with that id. Returns whether one was
+/// found.
+fn release_in(q: &mut VecDeque<InFlight>, wr_id: u64, in_order: bool, success: bool) -> bool {
+    match q
+        .iter()
+        .position(|e| e.wr_id == wr_id && (e.signaled || !success))
+    {
         Some(pos) if in_order => {
             q.drain(..=pos);
             true
@@ -226,6 +235,7 @@ fn release_in(q: &mut VecDeque<InFlight>, wr_id: u64, in_order: bool) -> bool {
 
 impl QpShared {
     pub(crate) fn release(&self, c: &Completion) {
+        let ok = c.status == crate::WcStatus::Success;
         let recv_side = if c.status == crate::WcStatus::Success {
             c.opcode.is_recv()
         } else if self.same_cq {
@@ -237,17 +247,17 @@ impl QpShared {
         if recv_side {
             match &self.srq {
                 Some(srq) => {
-                    release_in(&mut lock(&srq.inner.inflight), c.wr_id, false);
+                    release_in(&mut lock(&srq.inner.inflight), c.wr_id, false, ok);
                 }
                 None => {
-                    release_in(&mut lock(&self.recv), c.wr_id, true);
+                    release_in(&mut lock(&self.recv), c.wr_id, true, ok);
                 }
             }
-        } else if !release_in(&mut lock(&self.send), c.wr_id, true) && !self.same_cq {
+        } else if !release_in(&mut lock(&self.send), c.wr_id, true, ok) && !self.same_cq {
             // A separate recv CQ delivered an error completion: it is a receive.
             match &self.srq {
-                Some(srq) => release_in(&mut lock(&srq.inner.inflight), c.wr_id, false),
-                None => release_in(&mut lock(&self.recv), c.wr_id, true),
+                Some(srq) => release_in(&mut lock(&srq.inner.inflight), c.wr_id, false, ok),
+                None => release_in(&mut lock(&self.recv), c.wr_id, true, ok),
             };
         }
     }
@@ -524,6 +534,7 @@ impl QueuePair {
             }
             q.push_back(InFlight {
                 wr_id: w.wr_id,
+                signaled: w.signaled,
                 _regions: Held::of(w.sges.iter().map(|s| &s.mr).chain(bound_mr)),
                 _window: window,
             });
@@ -659,6 +670,7 @@ fn post_recv_chain(
         let before = q.len();
         q.extend(wrs.iter().map(|w| InFlight {
             wr_id: w.wr_id,
+            signaled: true,
             _regions: Held::of(w.sges.iter().map(|s| &s.mr)),
             _window: None,
         }));
@@ -778,5 +790,51 @@ impl SharedReceiveQueue {
             },
             "ibv_post_srq_recv",
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(wr_id: u64, signaled: bool) -> InFlight {
+        InFlight {
+            wr_id,
+            signaled,
+            _regions: Held::None,
+            _window: None,
+        }
+    }
+
+    #[test]
+    fn success_belongs_to_the_oldest_signalled_entry_with_its_id() {
+        // unsignalled control SENDs share the id of the signalled one that follows them
+        let mut q: VecDeque<_> = [
+            entry(7, false),
+            entry(7, false),
+            entry(9, true),
+            entry(7, true),
+            entry(7, false),
+        ]
+        .into();
+        assert!(release_in(&mut q, 7, true, true));
+        assert_eq!(q.len(), 1, "everything up to the signalled 7 is complete");
+        assert!(
+            !release_in(&mut q, 7, true, true),
+            "no success completion belongs to an unsignalled WR"
+        );
+        assert!(
+            release_in(&mut q, 7, true, false),
+            "an error completion does"
+        );
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn unordered_queues_release_only_the_matching_entry() {
+        let mut q: VecDeque<_> = [entry(1, true), entry(2, true), entry(3, true)].into();
+        assert!(release_in(&mut q, 2, false, true));
+        assert_eq!(q.iter().map(|e| e.wr_id).collect::<Vec<_>>(), [1, 3]);
+        assert!(!release_in(&mut q, 2, false, true));
     }
 }
