@@ -236,7 +236,7 @@ fn release_in(q: &mut VecDeque<InFlight>, wr_id: u64, in_order: bool, success: b
 impl QpShared {
     pub(crate) fn release(&self, c: &Completion) {
         let ok = c.status == crate::WcStatus::Success;
-        let recv_side = if c.status == crate::WcStatus::Success {
+        let recv_side = if ok {
             c.opcode.is_recv()
         } else if self.same_cq {
             // error completions carry no opcode: a send WR if we have one with that id

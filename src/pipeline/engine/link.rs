@@ -138,18 +138,7 @@ impl Link {
             let mrs = unsafe { slots.register(&pd, Access::local_read().local_write())? };
             let init = QpInit::new(&pd, &cq).caps(caps());
             match c.connect_with(&init, &params(timeout), |qp| post_all_recvs(qp, &recv)) {
-                Ok(conn) => {
-                    return Ok(Link {
-                        conn,
-                        cq,
-                        recv,
-                        mrs,
-                        pd,
-                        alive: true,
-                        pending: RefCell::new(Vec::new()),
-                        unsignalled: Cell::new(0),
-                    })
-                }
+                Ok(conn) => return Ok(Link::established(conn, cq, recv, mrs, pd)),
                 Err(rdma::Error::Rejected { .. }) if Instant::now() < give_up => {
                     std::thread::sleep(Duration::from_millis(500));
                 }
@@ -176,7 +165,18 @@ impl Link {
         let conn = req
             .accept_with(&init, &params(timeout), |qp| post_all_recvs(qp, &recv))
             .map_err(|e| EngineError::rdma("accept", e))?;
-        Ok(Link {
+        Ok(Link::established(conn, cq, recv, mrs, pd))
+    }
+
+    /// A live link over a just-established connection, with nothing queued.
+    fn established(
+        conn: Connection,
+        cq: CompletionQueue,
+        recv: MemoryRegion,
+        mrs: HashMap<u32, MemoryRegion>,
+        pd: ProtectionDomain,
+    ) -> Link {
+        Link {
             conn,
             cq,
             recv,
@@ -185,7 +185,7 @@ impl Link {
             alive: true,
             pending: RefCell::new(Vec::new()),
             unsignalled: Cell::new(0),
-        })
+        }
     }
 
     /// Queues a work request for the next [`flush`](Self::flush). Every
