@@ -59,47 +59,19 @@ fn parse() -> std::result::Result<Opts, String> {
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
-    let val = |i: &mut usize| -> std::result::Result<String, String> {
-        *i += 1;
-        args.get(*i)
-            .cloned()
-            .ok_or_else(|| format!("{} needs a value", args[*i - 1]))
-    };
     while i < args.len() {
         match args[i].as_str() {
             "bw" => o.mode = Mode::Bw,
             "lat" => o.mode = Mode::Lat,
-            "-s" | "--size" => o.size = val(&mut i)?.parse().map_err(|e| format!("size: {e}"))?,
-            "-n" | "--iters" => {
-                o.iters = val(&mut i)?.parse().map_err(|e| format!("iters: {e}"))?
-            }
-            "-t" | "--tx-depth" => {
-                o.tx_depth = val(&mut i)?.parse().map_err(|e| format!("tx-depth: {e}"))?
-            }
-            "-l" | "--post_list" => {
-                o.post_list = val(&mut i)?
-                    .parse()
-                    .map_err(|e| format!("post_list: {e}"))?
-            }
-            "-Q" | "--cq-mod" => {
-                o.cq_mod = val(&mut i)?.parse().map_err(|e| format!("cq-mod: {e}"))?
-            }
-            "-u" | "--qp-timeout" => {
-                o.qp_timeout = val(&mut i)?
-                    .parse()
-                    .map_err(|e| format!("qp-timeout: {e}"))?
-            }
-            "-p" | "--port" => o.port = val(&mut i)?.parse().map_err(|e| format!("port: {e}"))?,
-            "-a" | "--bind" => {
-                o.bind = Some(val(&mut i)?.parse().map_err(|e| format!("bind: {e}"))?)
-            }
-            "--source_ip" => {
-                o.source = Some(
-                    val(&mut i)?
-                        .parse()
-                        .map_err(|e| format!("source_ip: {e}"))?,
-                )
-            }
+            "-s" | "--size" => o.size = value(&args, &mut i, "size")?,
+            "-n" | "--iters" => o.iters = value(&args, &mut i, "iters")?,
+            "-t" | "--tx-depth" => o.tx_depth = value(&args, &mut i, "tx-depth")?,
+            "-l" | "--post_list" => o.post_list = value(&args, &mut i, "post_list")?,
+            "-Q" | "--cq-mod" => o.cq_mod = value(&args, &mut i, "cq-mod")?,
+            "-u" | "--qp-timeout" => o.qp_timeout = value(&args, &mut i, "qp-timeout")?,
+            "-p" | "--port" => o.port = value(&args, &mut i, "port")?,
+            "-a" | "--bind" => o.bind = Some(value(&args, &mut i, "bind")?),
+            "--source_ip" => o.source = Some(value(&args, &mut i, "source_ip")?),
             "-R" | "--rdma_cm" => {} // always rdma_cm
             a if !a.starts_with('-') => {
                 o.server = Some(a.parse().map_err(|e| format!("server address: {e}"))?)
@@ -115,6 +87,22 @@ fn parse() -> std::result::Result<Opts, String> {
         return Err("size must be > 0, iters >= 5, tx-depth > 0, post_list > 0".into());
     }
     Ok(o)
+}
+
+/// The value after option `args[*i]` (advancing `i` to it), parsed; errors name the option.
+fn value<T: std::str::FromStr>(
+    args: &[String],
+    i: &mut usize,
+    name: &str,
+) -> std::result::Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    *i += 1;
+    let v = args
+        .get(*i)
+        .ok_or_else(|| format!("{} needs a value", args[*i - 1]))?;
+    v.parse().map_err(|e| format!("{name}: {e}"))
 }
 
 /// Connect private data: mode, size, iters, tx_depth, buffer (addr, rkey).

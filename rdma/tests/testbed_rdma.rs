@@ -616,38 +616,29 @@ fn connect_errors_are_typed_and_bounded() {
 #[ignore = "skipped: no device (testbed test; run: cargo xtask test)"]
 fn ack_timeout_is_applied_to_both_ends() {
     peerpipe_testbed::require_testbed();
+    let timeouts = |port, opts| {
+        let (c, s) = pair(port, opts);
+        (
+            c.conn.qp().ack_timeout().unwrap(),
+            s.conn.qp().ack_timeout().unwrap(),
+        )
+    };
     // rdma_cm's own default on RoCE: packet lifetime 16 + 1
-    let (c, s) = pair(20031, PairOpts::default());
     assert_eq!(
-        c.conn.qp().ack_timeout().unwrap(),
-        17,
-        "client, rdma_cm default"
+        timeouts(20031, PairOpts::default()),
+        (17, 17),
+        "(client, server), rdma_cm default"
     );
+    let set = PairOpts {
+        client_ack_timeout: Some(14),
+        server_ack_timeout: Some(12),
+        ..Default::default()
+    };
     assert_eq!(
-        s.conn.qp().ack_timeout().unwrap(),
-        17,
-        "server, rdma_cm default"
+        timeouts(20032, set),
+        (14, 12),
+        "(client, server), set before connect / accept"
     );
-    drop((c, s));
-    let (c, s) = pair(
-        20032,
-        PairOpts {
-            client_ack_timeout: Some(14),
-            server_ack_timeout: Some(12),
-            ..Default::default()
-        },
-    );
-    assert_eq!(
-        c.conn.qp().ack_timeout().unwrap(),
-        14,
-        "client, set before connect"
-    );
-    assert_eq!(
-        s.conn.qp().ack_timeout().unwrap(),
-        12,
-        "server, set before accept"
-    );
-    drop((c, s));
     // out of range: refused before anything goes to the peer
     let (a0, a1) = addrs();
     let c = Connector::resolve(Some(a0), SocketAddr::new(a1, 20033), T).unwrap();
