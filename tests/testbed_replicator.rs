@@ -230,18 +230,34 @@ fn testbed_replicator_rejects_malformed_message_from_crafted_peer() {
     let (a0, a1) = tb::addrs();
     let dev = tb::drive("data2").block;
     let addr = format!("{a1}:7495");
-    let kid = replica(&addr, &dev, "host");
-    let c = Connector::resolve(
-        Some(a0.parse().unwrap()),
-        addr.parse().unwrap(),
-        Duration::from_secs(5),
-    )
-    .expect("resolve");
-    let pd = ProtectionDomain::new(c.context()).unwrap();
-    let cq = CompletionQueue::new(c.context(), 16).unwrap();
-    let conn = c
-        .connect(&QpInit::new(&pd, &cq), &ConnParams::default())
-        .expect("connect to the replica");
+    let mut kid = replica(&addr, &dev, "host");
+    // The replica may not listen yet (a slow start after the fabric was rebuilt): a reject
+    // means "no listener on that port" then, so retry like the engine's own connector does.
+    let give_up = std::time::Instant::now() + Duration::from_secs(30);
+    let (conn, _pd, _cq) = loop {
+        let c = Connector::resolve(
+            Some(a0.parse().unwrap()),
+            addr.parse().unwrap(),
+            Duration::from_secs(5),
+        )
+        .expect("resolve");
+        let pd = ProtectionDomain::new(c.context()).unwrap();
+        let cq = CompletionQueue::new(c.context(), 16).unwrap();
+        match c.connect(&QpInit::new(&pd, &cq), &ConnParams::default()) {
+            Ok(conn) => break (conn, pd, cq),
+            Err(peerpipe::rdma::Error::Rejected { .. })
+                if std::time::Instant::now() < give_up
+                    && kid.try_wait().is_ok_and(|s| s.is_none()) =>
+            {
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => {
+                let _ = kid.kill();
+                let o = tb::wait(kid, Duration::from_secs(10), "replica");
+                panic!("connect to the replica: {e}\n{}", tb::text(&o));
+            }
+        }
+    };
     // A hello with an unknown message type byte.
     let mut msg = peerpipe::protocol::Message::Fin {
         blocks: 0,
