@@ -242,6 +242,9 @@ fn pingpong(
         let start = Instant::now();
         let mut spins = 0u32;
         while dst.read_volatile(size - 1)? != want {
+            // PAUSE between reads, like the library's own spin-waits (CompletionQueue::
+            // poll_blocking explains why); ib_write_lat spins without it
+            std::hint::spin_loop();
             spins += 1;
             if spins % 100_000 == 0 {
                 conn.check()?;

@@ -886,7 +886,8 @@ impl Connection {
 
     /// Waits up to `timeout` for completions on `cq`, and notices the peer going away: returns
     /// `Disconnected` if the connection dropped and no completion is pending. Uses the CQ's
-    /// channel if it has one (sleeping), else busy-polls.
+    /// channel if it has one (sleeping), else busy-polls with a spin-wait hint between empty
+    /// polls and a yield every 4096.
     ///
     /// # Errors
     /// `Timeout { op: "wait for completion" }`, `Disconnected`, `DeviceRemoved`.
@@ -920,6 +921,8 @@ impl Connection {
             if n > 0 {
                 return Ok(n);
             }
+            // PAUSE between empty polls (see `CompletionQueue::poll_blocking`)
+            std::hint::spin_loop();
             spins += 1;
             if spins % 4096 == 0 {
                 self.check()?;
