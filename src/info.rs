@@ -701,37 +701,16 @@ fn uring_fixed_check(addr: *mut u8, len: usize) -> Result<(), i32> {
         .map_err(|e| e.errno().unwrap_or(libc::EOPNOTSUPP))
 }
 
-/// The probe's mapping as an I/O buffer (it stays mapped for the whole check).
-struct ProbeRange {
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: the range is the prober's live mapping, which outlives the ring used in
-// `passthrough_check`; the address does not change when this value moves.
-unsafe impl peerpipe_uring::IoBuf for ProbeRange {
-    fn as_ptr(&self) -> *const u8 {
-        self.ptr
-    }
-    fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.ptr
-    }
-    fn len(&self) -> usize {
-        self.len
-    }
-}
-
 /// One NVMe read command (4 KiB at LBA 0) from `ns` into the provider memory.
 fn passthrough_check(ns: &Path, addr: *mut u8, len: usize) -> Result<(), i32> {
     let errno = |e: peerpipe_uring::Error| e.errno().unwrap_or(libc::EIO);
     let namespace = peerpipe_uring::Namespace::open(ns).map_err(errno)?;
-    let mut ring: peerpipe_uring::Ring<ProbeRange> =
+    let mut ring: peerpipe_uring::Ring<peerpipe_uring::RawBuf> =
         peerpipe_uring::Ring::builder().build().map_err(errno)?;
     let t = ring.add_namespace(&namespace).map_err(errno)?;
-    let buf = ProbeRange {
-        ptr: addr,
-        len: len.min(4096),
-    };
+    // SAFETY: the range is the prober's live mapping, which stays mapped until this function
+    // returns; the ring, and with it the operation, is dropped before that.
+    let buf = unsafe { peerpipe_uring::RawBuf::new(addr, len.min(4096)) };
     ring.read(t, 0, buf, 1).map_err(|r| errno(r.error))?;
     let mut done = Vec::new();
     ring.wait(1, &mut done).map_err(errno)?;

@@ -164,6 +164,45 @@ unsafe impl IoBuf for AlignedBuf {
     }
 }
 
+/// Memory that the caller manages, named by address and length. Use it for buffers that no
+/// Rust value the ring could hold owns: a slot of a registered pool, a device mapping that
+/// outlives the ring, and the like.
+///
+/// Unlike the owned buffers, it does not keep the memory alive. [`RawBuf::new`] is `unsafe`
+/// because the caller promises that instead.
+#[derive(Debug)]
+pub struct RawBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl RawBuf {
+    /// A view of `ptr..ptr + len`.
+    ///
+    /// # Safety
+    ///
+    /// Until the operation that takes this buffer has completed (its completion has been
+    /// reaped or the ring dropped), `ptr..ptr + len` stays valid memory that the kernel and a
+    /// DMA device may read and write, and nothing else writes it (or reads it, for a read
+    /// into it).
+    pub unsafe fn new(ptr: *mut u8, len: usize) -> RawBuf {
+        RawBuf { ptr, len }
+    }
+}
+
+// SAFETY: RawBuf::new's contract is IoBuf's; the address lives outside the value.
+unsafe impl IoBuf for RawBuf {
+    fn as_ptr(&self) -> *const u8 {
+        self.ptr
+    }
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
 /// A sub-range of an owned buffer, so one big buffer can be used piecewise (take it back with
 /// [`Slice::into_inner`]).
 #[derive(Debug)]

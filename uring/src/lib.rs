@@ -31,7 +31,7 @@ pub mod namespace;
 pub mod ring;
 pub mod status;
 
-pub use buf::{AlignedBuf, IoBuf, Slice};
+pub use buf::{AlignedBuf, IoBuf, RawBuf, Slice};
 pub use capability::{Capabilities, Feature};
 pub use cmd::{NvmeCommand, Queue};
 pub use error::{Error, Rejected, Result};

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use crate::uring::{FileOptions, FileTarget, Namespace, Ring, TargetId};
 
-use super::slots::RawBuf;
 use super::EngineError;
+use crate::uring::RawBuf;
 
 /// How the drive is accessed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -12,7 +12,7 @@ use crate::rdma::{self, SendOp, SendRequest, WcOpcode, WcStatus};
 
 use super::drive::{Backend, Drive};
 use super::link::{Link, WR_MASK, WR_RECV, WR_WRITE};
-use super::slots::{slot_bytes, BufferInfo, HostBuf, RawBuf, Slots};
+use super::slots::{slot_bytes, BufferInfo, HostBuf, Slots};
 use super::wait::Waiter;
 use super::{cpu_time, wait_bound, CopyMode, EngineError, Event, PrimaryConfig, WaitMode};
 
@@ -202,10 +202,7 @@ impl PrimaryEngine {
                         let buf = if bouncing {
                             bounce[s].raw(len as usize)
                         } else {
-                            RawBuf {
-                                ptr: slots.ptr(s),
-                                len: len as usize,
-                            }
+                            slots.io_view(s, len as usize)
                         };
                         if let Err(rej) = drive.ring.read(drive.t, offset, buf, seq) {
                             core.on_read_done(seq, Err(rej.to_string()), &mut out);

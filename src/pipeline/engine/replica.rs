@@ -13,7 +13,7 @@ use crate::rdma::{
 
 use super::drive::{Backend, Drive, WriteCache};
 use super::link::{Link, WR_BIND, WR_INV, WR_MASK, WR_RECV};
-use super::slots::{slot_bytes, BufferInfo, HostBuf, RawBuf, Slots};
+use super::slots::{slot_bytes, BufferInfo, HostBuf, Slots};
 use super::wait::Waiter;
 use super::{cpu_time, wait_bound, CopyMode, EngineError, Event, ReplicaConfig};
 
@@ -307,14 +307,11 @@ impl ReplicaEngine {
                             let (seq, offset, len) = pending_write
                                 .remove(&slot)
                                 .ok_or(EngineError::Internal("invalidation without a write"))?;
-                            let mut raw = RawBuf {
-                                ptr: slots.ptr(slot),
-                                len: len as usize,
-                            };
+                            let mut raw = slots.io_view(slot, len as usize);
                             if cfg.copy == CopyMode::Bounce {
                                 // SAFETY: the window over the slot was just invalidated; the
                                 // slot is not re-advertised before this block is acked.
-                                let src = unsafe { slot_bytes(raw.ptr, len as usize) };
+                                let src = unsafe { slot_bytes(slots.ptr(slot), len as usize) };
                                 meter.copy(bounce[slot].bytes_mut(len as usize), src);
                                 raw = bounce[slot].raw(len as usize);
                             }

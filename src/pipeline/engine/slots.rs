@@ -6,7 +6,7 @@ use std::fmt;
 
 use crate::p2p_alloc::{self as alloc, Placement, Pool};
 use crate::rdma::{Access, MemoryKind, MemoryRegion, ProtectionDomain};
-use crate::uring::IoBuf;
+use crate::uring::RawBuf;
 
 use super::{BufferChoice, EngineError};
 
@@ -122,6 +122,17 @@ impl Slots {
         self.bufs[i].addr()
     }
 
+    /// The first `len` bytes of slot `i`, for one io_uring operation.
+    pub(crate) fn io_view(&self, i: usize, len: usize) -> RawBuf {
+        debug_assert!(len <= self.bufs[i].len(), "a block is at most one slot");
+        // SAFETY: a block is at most one slot (the engine's block size is the slot size). The
+        // pool, and so every slot, outlives the ring's use of it: the engines drain the ring
+        // before dropping their slots, bounce and read-back buffers. The slot bookkeeping of
+        // the primary/replica loops never gives one slot to two operations at once, and
+        // nothing else touches a slot while an operation owns it.
+        unsafe { RawBuf::new(self.ptr(i), len) }
+    }
+
     /// Registers every chunk of the pool once with `pd`; returns chunk id -> region.
     ///
     /// # Safety
@@ -154,28 +165,6 @@ impl Slots {
     }
 }
 
-/// A slot's (or a bounce / read-back buffer's) memory handed to io_uring for one operation.
-pub(crate) struct RawBuf {
-    pub(crate) ptr: *mut u8,
-    pub(crate) len: usize,
-}
-
-// SAFETY: the pointer names a pool buffer, bounce buffer or read-back buffer that outlives the
-// ring's use of it: the engines keep them alive until every operation completed (they drain
-// the ring before dropping them) and never give one slot to two operations at once (the slot
-// bookkeeping of the primary/replica loops).
-unsafe impl IoBuf for RawBuf {
-    fn as_ptr(&self) -> *const u8 {
-        self.ptr
-    }
-    fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.ptr
-    }
-    fn len(&self) -> usize {
-        self.len
-    }
-}
-
 /// Host buffers with 4096-byte aligned views, for bounce copies and read-backs.
 pub(crate) struct HostBuf(Vec<u8>);
 
@@ -198,10 +187,9 @@ impl HostBuf {
     }
     /// The aligned view for one io_uring operation.
     pub(crate) fn raw(&mut self, len: usize) -> RawBuf {
-        RawBuf {
-            ptr: self.bytes_mut(len).as_mut_ptr(),
-            len,
-        }
+        let ptr = self.bytes_mut(len).as_mut_ptr();
+        // SAFETY: see `io_view`; the engines hold bounce and read-back buffers like slots.
+        unsafe { RawBuf::new(ptr, len) }
     }
 }
 
