@@ -6,10 +6,9 @@ use std::fmt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use crate::uring::{FileOptions, FileTarget, Namespace, Ring, TargetId};
+use crate::uring::{FileOptions, FileTarget, Namespace, RawBuf, Ring, TargetId};
 
 use super::EngineError;
-use crate::uring::RawBuf;
 
 /// How the drive is accessed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -14,11 +14,10 @@
 use std::os::fd::BorrowedFd;
 use std::time::Duration;
 
-use crate::uring::{Completion, OpKind, PollId, Ring};
+use crate::uring::{Completion, OpKind, PollId, RawBuf, Ring};
 
 use super::link::Link;
 use super::{EngineError, WaitMode};
-use crate::uring::RawBuf;
 
 /// Tags of the ring's polls: the top bit set, the link index, and which fd.
 const POLL_TAG: u64 = 1 << 63;
