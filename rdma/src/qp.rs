@@ -127,18 +127,21 @@ impl Held {
 /// against the window's current one, so a second bind of the window in the same chain
 /// would fail at completion (rxe: a bind error that moves the QP to the error state).
 fn check_one_bind_per_window(wrs: &[SendRequest]) -> Result<()> {
-    let mut seen: Vec<*mut ibv_mw> = Vec::new();
-    for w in wrs {
-        if let SendOp::BindWindow { window, .. } = &w.op {
-            if seen.contains(&window.raw()) {
-                return Err(Error::InvalidArgument {
-                    op: "ibv_post_send",
-                    reason: "the chain binds one memory window twice: post the second bind \
-                             in a later post_send, after the first"
-                        .into(),
-                });
-            }
-            seen.push(window.raw());
+    // Chains are short: compare each bind with the WRs before it rather than collect the
+    // windows (no allocation on the post path).
+    let bound = |w: &SendRequest| match &w.op {
+        SendOp::BindWindow { window, .. } => Some(window.raw()),
+        _ => None,
+    };
+    for (i, w) in wrs.iter().enumerate() {
+        let Some(mw) = bound(w) else { continue };
+        if wrs[..i].iter().any(|earlier| bound(earlier) == Some(mw)) {
+            return Err(Error::InvalidArgument {
+                op: "ibv_post_send",
+                reason: "the chain binds one memory window twice: post the second bind \
+                         in a later post_send, after the first"
+                    .into(),
+            });
         }
     }
     Ok(())
