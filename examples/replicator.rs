@@ -36,10 +36,13 @@ usage:
   replicator primary --source PATH --replica ADDR:PORT [--replica ...] [--bind ADDR]
                      [--offset B] [--len B] [--block-size B] [--window N]
                      [--buffers p2p|host] [--copy none|bounce] [--wait events|busy]
-                     [--verify] [--json] [--timeout S]
+                     [--verify] [--json] [--timeout S] [--rate B] [--status-interval S]
 PATH: /dev/ngXnY (NVMe passthrough), a block device or a file (O_DIRECT).
 sizes take K/M/G suffixes; defaults: --block-size 64K, --window 16, --buffers p2p, --timeout 20,
 --wait events (sleep on RDMA completion channels and the drive in one io_uring; busy: poll).
+--rate B: read the source at most B bytes/s (as fio's --rate; default: unpaced).
+--status-interval S: print a `progress:` line to stderr every S seconds (fractions allowed),
+also when stderr is not a terminal (default: a progress bar on a terminal for runs >= 64M).
 
 exit codes:
   0  primary: every block acked by every replica (and verified with --verify).
@@ -73,6 +76,8 @@ struct Opts {
     verify: bool,
     json: bool,
     timeout: Duration,
+    rate: Option<u64>,
+    status_interval: Option<Duration>,
 }
 
 fn parse_size(s: &str) -> Res<u64> {
@@ -110,6 +115,8 @@ fn parse(args: &[String]) -> Res<Opts> {
         verify: false,
         json: false,
         timeout: Duration::from_secs(20),
+        rate: None,
+        status_interval: None,
     };
     let mut it = args[1..].iter();
     while let Some(a) = it.next() {
@@ -136,6 +143,17 @@ fn parse(args: &[String]) -> Res<Opts> {
                 o.timeout =
                     Duration::from_secs(val()?.parse().map_err(|e| format!("--timeout: {e}"))?)
             }
+            "--rate" => o.rate = Some(parse_size(&val()?)?),
+            "--status-interval" => {
+                let v = val()?;
+                o.status_interval = Some(
+                    v.parse::<f64>()
+                        .ok()
+                        .filter(|s| *s > 0.0)
+                        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                        .ok_or_else(|| format!("--status-interval {v:?}: seconds > 0"))?,
+                )
+            }
             "--verify" => o.verify = true,
             "--json" => o.json = true,
             other => return Err(format!("unknown option {other}")),
@@ -149,6 +167,9 @@ fn parse(args: &[String]) -> Res<Opts> {
     }
     if !o.primary && o.listen.is_none() {
         return Err("replica needs --listen ADDR:PORT".into());
+    }
+    if !o.primary && (o.rate.is_some() || o.status_interval.is_some()) {
+        return Err("--rate and --status-interval are primary options".into());
     }
     // The engine checks the rest (window, timeout, range) with the same messages.
     Ok(o)
@@ -168,6 +189,8 @@ fn primary_config(o: &Opts) -> PrimaryConfig {
         .verify(o.verify)
         .timeout(o.timeout)
         .wait(o.wait)
+        .rate(o.rate)
+        .progress_every(o.status_interval.unwrap_or(Duration::from_secs(1)))
 }
 
 fn replica_config(o: &Opts, listen: SocketAddr) -> ReplicaConfig {
@@ -223,7 +246,13 @@ fn run_primary(o: &Opts) -> Result<bool, EngineError> {
             elapsed,
         } = ev
         {
-            if progress {
+            if o.status_interval.is_some() {
+                say(format!(
+                    "progress: {blocks}/{} blocks, {bytes} bytes acked by every replica, {:.3} s",
+                    layout.blocks(),
+                    elapsed.as_secs_f64()
+                ));
+            } else if progress {
                 shown = true;
                 eprint!(
                     "\r{:5.1}% {blocks}/{} blocks {:.1} MB/s   ",

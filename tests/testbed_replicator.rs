@@ -63,15 +63,111 @@ fn read_range(dev: &Path, offset: u64, len: u64) -> Vec<u8> {
 /// console), plus margin. Measured: 60 s was too short in 2 of 5 CI runs.
 const REPLICA_EXIT_BOUND: Duration = Duration::from_secs(75);
 
-fn replica(listen: &str, target: &Path, bufs: &str) -> std::process::Child {
-    let c = tb::spawn(
-        Command::new(bin())
-            .args(["replica", "--listen", listen, "--target"])
-            .arg(target)
-            .args(["--buffers", bufs, "--timeout", "30"]),
-    );
-    std::thread::sleep(Duration::from_millis(1500));
+/// How long a starting replica may take to print its listening line (a hang bound only: the
+/// tests wait for the line itself, however fast the machine).
+const START_BOUND: Duration = Duration::from_secs(120);
+
+/// Starts `replicator replica` with `args` and returns once it prints that it listens.
+fn replica_with(args: &[&str], what: &str) -> tb::Watched {
+    let mut c = tb::spawn_watched(Command::new(bin()).arg("replica").args(args), what);
+    c.wait_line("replica: listening on", START_BOUND);
     c
+}
+
+fn replica(listen: &str, target: &Path, bufs: &str) -> tb::Watched {
+    let target = target.to_str().expect("utf-8 path");
+    replica_with(
+        &[
+            "--listen",
+            listen,
+            "--target",
+            target,
+            "--buffers",
+            bufs,
+            "--timeout",
+            "30",
+        ],
+        &format!("replica {listen}"),
+    )
+}
+
+/// Fault tests run 64 MiB (1024 blocks of 64 KiB) read at most 4 MiB/s, so at least 16 s
+/// long on any machine, and inject their fault once the primary reports FAULT_AFTER blocks
+/// acked: the fault lands mid-run by construction, not by the machine's speed, and each
+/// test asserts that blocks remained.
+const FAULT_LEN: &str = "64M";
+const FAULT_BLOCKS: u64 = 1024;
+const FAULT_RATE: &str = "4M";
+const FAULT_AFTER: u64 = 16;
+
+/// Primary options that make progress observable (a `progress:` line every 0.2 s) and the
+/// run paced (see FAULT_RATE).
+const FAULT_PACING: [&str; 6] = [
+    "--len",
+    FAULT_LEN,
+    "--rate",
+    FAULT_RATE,
+    "--status-interval",
+    "0.2",
+];
+
+/// Waits for the primary's progress line showing at least `blocks` acked by every replica;
+/// returns the count it showed.
+fn await_acked(p: &mut tb::Watched, blocks: u64) -> u64 {
+    p.wait_for(Duration::from_secs(300), |l| {
+        // "progress: K/N blocks, B bytes acked by every replica, T s"
+        let k: u64 = l
+            .strip_prefix("progress: ")?
+            .split('/')
+            .next()?
+            .parse()
+            .ok()?;
+        (k >= blocks).then_some(k)
+    })
+}
+
+/// The block count of a replica's summary line "replica: wrote N blocks (...)".
+fn blocks_written(stderr: &str) -> u64 {
+    stderr
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("replica: wrote ")?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no `replica: wrote N blocks` line in:\n{stderr}"))
+}
+
+/// The primary's `"replicated_bytes":N` from its JSON summary.
+fn replicated_bytes(stdout: &str) -> u64 {
+    let tail = stdout
+        .split("\"replicated_bytes\":")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no replicated_bytes in {stdout}"));
+    tail[..tail
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(tail.len())]
+        .parse()
+        .unwrap()
+}
+
+/// Starts a paced primary (see FAULT_PACING) of data1 to `replicas` with `extra` options.
+fn fault_primary(replicas: &[&str], extra: &[&str]) -> tb::Watched {
+    let (a0, _) = tb::addrs();
+    let src = tb::drive("data1").block;
+    let mut cmd = Command::new(bin());
+    cmd.args(["primary", "--source"])
+        .arg(&src)
+        .args(["--bind", &a0]);
+    for r in replicas {
+        cmd.args(["--replica", r]);
+    }
+    cmd.args(FAULT_PACING)
+        .args(["--buffers", "host", "--json"])
+        .args(extra);
+    tb::spawn_watched(&mut cmd, "primary")
 }
 
 fn primary(src: &Path, replicas: &[&str], extra: &[&str], timeout: Duration) -> Output {
@@ -140,7 +236,7 @@ fn replicate_and_check(bufs: &str, targets: &[&str], port0: u16) {
     );
     let want = read_range(&src, OFFSET, LEN);
     for (kid, dev) in kids {
-        let ro = tb::wait(kid, Duration::from_secs(60), "replica");
+        let ro = kid.finish(Duration::from_secs(60));
         assert!(ro.status.success(), "{}", tb::text(&ro));
         let err = String::from_utf8_lossy(&ro.stderr);
         assert!(err.contains("payload bytes copied by the CPU: 0"), "{err}");
@@ -190,40 +286,40 @@ fn testbed_replicator_two_replicas_verify_host() {
 fn testbed_replicator_killed_replica_names_unreplicated_ranges() {
     tb::require_testbed();
     let (_, a1) = tb::addrs();
-    let src = tb::drive("data1").block;
     let (d2, d3) = (tb::drive("data2").block, tb::drive("data3").block);
     let (r0, r1) = (format!("{a1}:7491"), format!("{a1}:7492"));
     let k0 = replica(&r0, &d2, "host");
     let mut k1 = replica(&r1, &d3, "host");
-    let (a0, _) = tb::addrs();
-    let p = tb::spawn(
-        Command::new(bin())
-            .args(["primary", "--source"])
-            .arg(&src)
-            .args(["--bind", &a0, "--replica", &r0, "--replica", &r1])
-            .args([
-                "--len",
-                "16M",
-                "--buffers",
-                "host",
-                "--json",
-                "--timeout",
-                "15",
-            ]),
-    );
-    std::thread::sleep(Duration::from_secs(4));
-    k1.kill().expect("kill replica 1");
-    let _ = k1.wait();
-    let o = tb::wait(p, Duration::from_secs(600), "primary");
+    let mut p = fault_primary(&[&r0, &r1], &["--timeout", "15"]);
+    let acked = await_acked(&mut p, FAULT_AFTER);
+    k1.kill();
+    let k1o = k1.finish(Duration::from_secs(10));
+    let o = p.finish(Duration::from_secs(600));
     let out = stdout(&o);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{}", tb::text(&o));
     assert!(out.contains("\"success\":false"), "{out}");
     assert!(err.contains("unreplicated: bytes"), "{err}");
     assert!(err.contains("replica 1"), "{err}");
-    // The survivor exits cleanly.
-    let ro = tb::wait(k0, Duration::from_secs(120), "surviving replica");
+    assert!(
+        !err.contains("replica 0 ("),
+        "the healthy replica was failed too: {err}"
+    );
+    // The fault landed mid-run: blocks were acked before it and blocks remained after it.
+    let done = replicated_bytes(&out);
+    assert!(
+        done >= acked * 65536 && done < FAULT_BLOCKS * 65536,
+        "replicated {done} bytes, {acked} blocks acked at the kill\n{}\nreplica 1: {}",
+        tb::text(&o),
+        tb::text(&k1o)
+    );
+    // The survivor gets the whole range and exits cleanly.
+    let ro = k0.finish(Duration::from_secs(120));
     assert!(ro.status.success(), "{}", tb::text(&ro));
+    assert_eq!(
+        blocks_written(&String::from_utf8_lossy(&ro.stderr)),
+        FAULT_BLOCKS
+    );
 }
 
 #[test]
@@ -236,34 +332,19 @@ fn testbed_replicator_rejects_malformed_message_from_crafted_peer() {
     let (a0, a1) = tb::addrs();
     let dev = tb::drive("data2").block;
     let addr = format!("{a1}:7495");
-    let mut kid = replica(&addr, &dev, "host");
-    // The replica may not listen yet (a slow start after the fabric was rebuilt): a reject
-    // means "no listener on that port" then, so retry like the engine's own connector does.
-    let give_up = std::time::Instant::now() + Duration::from_secs(30);
-    let (conn, _pd, _cq) = loop {
-        let c = Connector::resolve(
-            Some(a0.parse().unwrap()),
-            addr.parse().unwrap(),
-            Duration::from_secs(5),
-        )
-        .expect("resolve");
-        let pd = ProtectionDomain::new(c.context()).unwrap();
-        let cq = CompletionQueue::new(c.context(), 16).unwrap();
-        match c.connect(&QpInit::new(&pd, &cq), &ConnParams::default()) {
-            Ok(conn) => break (conn, pd, cq),
-            Err(peerpipe::rdma::Error::Rejected { .. })
-                if std::time::Instant::now() < give_up
-                    && kid.try_wait().is_ok_and(|s| s.is_none()) =>
-            {
-                std::thread::sleep(Duration::from_millis(500));
-            }
-            Err(e) => {
-                let _ = kid.kill();
-                let o = tb::wait(kid, Duration::from_secs(10), "replica");
-                panic!("connect to the replica: {e}\n{}", tb::text(&o));
-            }
-        }
-    };
+    let kid = replica(&addr, &dev, "host");
+    // The replica printed that it listens: one connect attempt is enough.
+    let c = Connector::resolve(
+        Some(a0.parse().unwrap()),
+        addr.parse().unwrap(),
+        Duration::from_secs(5),
+    )
+    .expect("resolve");
+    let pd = ProtectionDomain::new(c.context()).unwrap();
+    let cq = CompletionQueue::new(c.context(), 16).unwrap();
+    let conn = c
+        .connect(&QpInit::new(&pd, &cq), &ConnParams::default())
+        .unwrap_or_else(|e| panic!("connect to the replica: {e}\n{}", kid.so_far()));
     // A hello with an unknown message type byte.
     let mut msg = peerpipe::protocol::Message::Fin {
         blocks: 0,
@@ -273,7 +354,7 @@ fn testbed_replicator_rejects_malformed_message_from_crafted_peer() {
     msg[5] = 0x77;
     conn.post_send(&[SendRequest::send_inline(1, &msg)])
         .unwrap();
-    let o = tb::wait(kid, Duration::from_secs(60), "replica");
+    let o = kid.finish(Duration::from_secs(60));
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{}", tb::text(&o));
     assert!(
@@ -430,34 +511,25 @@ fn assert_fabric_restored() {
 #[ignore = "skipped: no device (testbed test; run: cargo xtask test)"]
 fn testbed_replicator_link_down_names_unreplicated_ranges() {
     tb::require_testbed();
-    let (a0, a1) = tb::addrs();
-    let src = tb::drive("data1").block;
+    let (_, a1) = tb::addrs();
     let dst = tb::drive("data2").block;
     let addr = format!("{a1}:7497");
-    // 64 MiB at a few MB/s under TCG: the link goes down long before the end.
-    let kid = tb::spawn(
-        Command::new(bin())
-            .args(["replica", "--listen", &addr, "--target"])
-            .arg(&dst)
-            .args(["--buffers", "host", "--timeout", "10"]),
+    let dst = dst.to_str().expect("utf-8 path");
+    let kid = replica_with(
+        &[
+            "--listen",
+            &addr,
+            "--target",
+            dst,
+            "--buffers",
+            "host",
+            "--timeout",
+            "10",
+        ],
+        "replica",
     );
-    std::thread::sleep(Duration::from_millis(1500));
-    let p = tb::spawn(
-        Command::new(bin())
-            .args(["primary", "--source"])
-            .arg(&src)
-            .args(["--bind", &a0, "--replica", &addr])
-            .args([
-                "--len",
-                "64M",
-                "--buffers",
-                "host",
-                "--json",
-                "--timeout",
-                "10",
-            ]),
-    );
-    std::thread::sleep(Duration::from_secs(4));
+    let mut p = fault_primary(&[&addr], &["--timeout", "10"]);
+    let acked = await_acked(&mut p, FAULT_AFTER);
     let (o, ro) = {
         let down = LinkDown::new("veth1");
         let t0 = std::time::Instant::now();
@@ -468,15 +540,14 @@ fn testbed_replicator_link_down_names_unreplicated_ranges() {
         // cleanup failed, err = -110"; seen here and after a killed primary). If the link is
         // still down when those 50 s end, rxe frees the QP anyway and dropping the queued
         // packets later touches it (refcount underflow, or a guest panic in rxe_skb_tx_dtor).
-        let mut p = p;
-        while p.try_wait().expect("try_wait").is_none() && t0.elapsed() < Duration::from_secs(25) {
+        while !p.has_exited() && t0.elapsed() < Duration::from_secs(25) {
             std::thread::sleep(Duration::from_millis(50));
         }
         eprintln!("link down for {:?}", t0.elapsed());
         down.link_up();
-        let o = tb::wait(p, Duration::from_secs(60), "primary after link down");
+        let o = p.finish(Duration::from_secs(60));
         // The replica's 10 s silence limit, plus rxe's 50 s destroy stall (above), plus margin.
-        let ro = tb::wait(kid, REPLICA_EXIT_BOUND, "replica after link down");
+        let ro = kid.finish(REPLICA_EXIT_BOUND);
         (o, ro)
         // The rxe devices are repaired and their ports awaited here.
     };
@@ -491,7 +562,13 @@ fn testbed_replicator_link_down_names_unreplicated_ranges() {
     // The replica stops in order with 3: its primary went away before fin.
     let rerr = String::from_utf8_lossy(&ro.stderr);
     assert_eq!(ro.status.code(), Some(3), "{}", tb::text(&ro));
-    assert!(rerr.contains("replica: wrote "), "{rerr}");
+    // The fault landed mid-run: blocks before it, blocks remaining after it.
+    let wrote = blocks_written(&rerr);
+    let done = replicated_bytes(&out);
+    assert!(
+        wrote >= acked && wrote < FAULT_BLOCKS && done < FAULT_BLOCKS * 65536,
+        "replica wrote {wrote} blocks, primary replicated {done} bytes, {acked} acked at the fault"
+    );
     assert_fabric_restored();
 }
 
@@ -499,22 +576,15 @@ fn testbed_replicator_link_down_names_unreplicated_ranges() {
 #[ignore = "skipped: no device (testbed test; run: cargo xtask test)"]
 fn testbed_replicator_replica_exits_3_when_primary_is_killed() {
     tb::require_testbed();
-    let (a0, a1) = tb::addrs();
-    let src = tb::drive("data1").block;
+    let (_, a1) = tb::addrs();
     let dst = tb::drive("data2").block;
     let addr = format!("{a1}:7498");
     let kid = replica(&addr, &dst, "host");
-    let mut p = tb::spawn(
-        Command::new(bin())
-            .args(["primary", "--source"])
-            .arg(&src)
-            .args(["--bind", &a0, "--replica", &addr])
-            .args(["--len", "64M", "--buffers", "host", "--json"]),
-    );
-    std::thread::sleep(Duration::from_secs(4));
-    p.kill().expect("kill primary");
-    let po = tb::wait(p, Duration::from_secs(10), "killed primary");
-    let ro = tb::wait(kid, REPLICA_EXIT_BOUND, "replica after its primary died");
+    let mut p = fault_primary(&[&addr], &[]);
+    let acked = await_acked(&mut p, FAULT_AFTER);
+    p.kill();
+    let po = p.finish(Duration::from_secs(10));
+    let ro = kid.finish(REPLICA_EXIT_BOUND);
     let rerr = String::from_utf8_lossy(&ro.stderr);
     assert_eq!(
         ro.status.code(),
@@ -524,7 +594,12 @@ fn testbed_replicator_replica_exits_3_when_primary_is_killed() {
         tb::text(&po)
     );
     assert!(rerr.contains("before fin"), "{rerr}");
-    assert!(rerr.contains("replica: wrote "), "{rerr}");
+    // The kill landed mid-run: the replica wrote what was acked, and not the whole range.
+    let wrote = blocks_written(&rerr);
+    assert!(
+        wrote >= acked && wrote < FAULT_BLOCKS,
+        "replica wrote {wrote} blocks, {acked} acked at the kill"
+    );
 }
 
 /// Host test (no device): `--help` documents the exit codes scripts rely on.
@@ -581,14 +656,19 @@ fn replicate_with(
     fill_random(&d1.block, 4);
     zero(&d2.block, 4);
     let addr = format!("{a1}:{port}");
-    let kid = tb::spawn(
-        Command::new(bin())
-            .args(["replica", "--listen", &addr, "--target"])
-            .arg(pick(&d2))
-            .args(["--buffers", bufs, "--timeout", "30"])
-            .args(extra),
-    );
-    std::thread::sleep(Duration::from_millis(1500));
+    let target = pick(&d2);
+    let mut rargs = vec![
+        "--listen",
+        &addr,
+        "--target",
+        target.to_str().expect("utf-8 path"),
+        "--buffers",
+        bufs,
+        "--timeout",
+        "30",
+    ];
+    rargs.extend(extra);
+    let kid = replica_with(&rargs, "replica");
     let mut args = vec![
         "--offset".to_string(),
         OFFSET.to_string(),
@@ -604,7 +684,7 @@ fn replicate_with(
     let o = primary(&pick(&d1), &[&addr], &args, Duration::from_secs(600));
     let out = stdout(&o);
     let perr = String::from_utf8_lossy(&o.stderr).into_owned();
-    let ro = tb::wait(kid, Duration::from_secs(60), "replica");
+    let ro = kid.finish(Duration::from_secs(60));
     let rerr = String::from_utf8_lossy(&ro.stderr).into_owned();
     assert!(
         o.status.success(),

@@ -6,7 +6,8 @@ use std::fmt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use crate::uring::{FileOptions, FileTarget, Namespace, RawBuf, Ring, TargetId};
+use super::slots::DriveBuf;
+use crate::uring::{FileOptions, FileTarget, Namespace, Ring, TargetId};
 
 use super::EngineError;
 
@@ -91,7 +92,7 @@ fn block_write_cache(rdev: u64) -> WriteCache {
 
 /// An open drive with its ring (the ring holds its own duplicate of the fd).
 pub(crate) struct Drive {
-    pub(crate) ring: Ring<RawBuf>,
+    pub(crate) ring: Ring<DriveBuf>,
     pub(crate) t: TargetId,
     pub(crate) capacity: u64,
     pub(crate) lba: u32,
@@ -115,7 +116,7 @@ impl Drive {
         let meta = std::fs::metadata(path)
             .map_err(|e| open_err(crate::uring::Error::from_io("stat", &e)))?;
         let entries = (ops + 16).next_power_of_two().min(4096) as u32;
-        let mut ring: Ring<RawBuf> = Ring::builder()
+        let mut ring: Ring<DriveBuf> = Ring::builder()
             .entries(entries)
             .build()
             .map_err(|e| EngineError::ring("setup", e))?;

@@ -30,6 +30,7 @@
 mod drive;
 mod error;
 mod link;
+mod pace;
 mod primary;
 mod replica;
 mod slots;
@@ -187,6 +188,8 @@ pub struct PrimaryConfig {
     verify: bool,
     timeout: Duration,
     wait: WaitMode,
+    rate: Option<u64>,
+    progress_every: Duration,
 }
 
 impl PrimaryConfig {
@@ -207,6 +210,8 @@ impl PrimaryConfig {
             verify: false,
             timeout: Duration::from_secs(20),
             wait: WaitMode::Events,
+            rate: None,
+            progress_every: Duration::from_secs(1),
         }
     }
     /// Adds a replica (its `--listen` address).
@@ -264,6 +269,18 @@ impl PrimaryConfig {
         self.wait = w;
         self
     }
+    /// Reads the source at no more than `bytes_per_sec` (`None`: as fast as the pipeline
+    /// goes), leaving drive and link bandwidth to other work, like fio's `--rate` or DRBD's
+    /// resync rate. Only reads are paced; a block in flight completes at full speed.
+    pub fn rate(mut self, bytes_per_sec: Option<u64>) -> Self {
+        self.rate = bytes_per_sec;
+        self
+    }
+    /// How often [`Event::Progress`] is reported (default 1 s).
+    pub fn progress_every(mut self, every: Duration) -> Self {
+        self.progress_every = every;
+        self
+    }
     /// The replicas.
     pub fn replicas(&self) -> &[SocketAddr] {
         &self.replicas
@@ -289,6 +306,12 @@ impl PrimaryConfig {
             ));
         }
         check_window(self.window)?;
+        if self.progress_every.is_zero() {
+            return Err(EngineError::config(
+                "progress interval",
+                "must be greater than zero",
+            ));
+        }
         check_timeout(self.timeout)
     }
 }
@@ -396,7 +419,9 @@ impl ReplicaConfig {
 pub enum Event {
     /// Every connection is up (the primary: to all replicas; a replica: from its primary).
     Connected,
-    /// About once a second on the primary: blocks and bytes acked by every replica so far.
+    /// On the primary, once per progress interval (1 s unless
+    /// [`PrimaryConfig::progress_every`] says otherwise): blocks and bytes acked by every
+    /// replica so far.
     Progress {
         /// Blocks replicated.
         blocks: u64,

@@ -12,9 +12,11 @@ use crate::rdma::{self, SendOp, SendRequest, WcOpcode, WcStatus};
 
 use super::drive::{Backend, Drive};
 use super::link::{Link, WR_MASK, WR_RECV, WR_WRITE};
-use super::slots::{slot_bytes, BufferInfo, HostBuf, Slots};
+use super::pace::Pacer;
+use super::slots::{BufferInfo, DriveBuf, Slots};
 use super::wait::Waiter;
 use super::{cpu_time, wait_bound, CopyMode, EngineError, Event, PrimaryConfig, WaitMode};
+use crate::uring::AlignedBuf;
 
 /// The result of a primary run. `outcome.success` is true only when every block was acked
 /// by every replica (and, with verify, every read-back matched).
@@ -46,11 +48,13 @@ pub struct PrimaryReport {
 /// buffers allocated; [`PrimaryEngine::run`] connects and replicates.
 pub struct PrimaryEngine {
     // Links (with their memory regions) are created in run() and dropped there, before these.
+    // The drive first: dropping its ring waits for what is in flight (which owns its buffers).
+    drive: Drive,
     cfg: PrimaryConfig,
     layout: Layout,
     window: u32,
-    bounce: Vec<HostBuf>,
-    drive: Drive,
+    /// Bounce mode: one host buffer per slot, `None` while a read owns it.
+    bounce: Vec<Option<AlignedBuf>>,
     slots: Slots,
 }
 
@@ -77,7 +81,7 @@ impl PrimaryEngine {
         let slots = Slots::alloc(cfg.buffers, window as usize, bs)?;
         // Bounce mode: reads land in plain host memory and are copied into the registered slot.
         let bounce = match cfg.copy {
-            CopyMode::Bounce => (0..window).map(|_| HostBuf::new(bs)).collect(),
+            CopyMode::Bounce => (0..window).map(|_| Some(AlignedBuf::new(bs))).collect(),
             CopyMode::None => Vec::new(),
         };
         Ok(PrimaryEngine {
@@ -165,7 +169,7 @@ impl PrimaryEngine {
         let layout = self.layout;
         let cfg = &self.cfg;
         let drive = &mut self.drive;
-        let slots = &self.slots;
+        let slots = &mut self.slots;
         let bounce = &mut self.bounce;
         let bouncing = cfg.copy == CopyMode::Bounce;
         let meter = CopyMeter::new();
@@ -183,10 +187,22 @@ impl PrimaryEngine {
         let mut wcs = vec![rdma::EMPTY_COMPLETION; 64];
         let mut last_progress = Instant::now();
         let mut last_report = Instant::now();
+        let mut pacer = Pacer::new(cfg.rate, t0);
+        // Reads the pacer holds back, in order; they go once it says they are due.
+        let mut paced: VecDeque<PrimaryAction> = VecDeque::new();
 
         while !core.is_finished() {
             let mut busy = false;
+            if !paced.is_empty() && pacer.due(Instant::now()) {
+                actions.extend(paced.drain(..));
+            }
             while let Some(a) = actions.pop_front() {
+                if let PrimaryAction::Read { len, .. } = a {
+                    if !paced.is_empty() || !pacer.admit(u64::from(len), Instant::now()) {
+                        paced.push_back(a);
+                        continue;
+                    }
+                }
                 busy = true;
                 match a {
                     PrimaryAction::Send { replica, msg } => {
@@ -200,12 +216,21 @@ impl PrimaryEngine {
                             .ok_or(EngineError::Internal("no free slot within the window"))?;
                         slot_of.insert(seq, s);
                         let buf = if bouncing {
-                            bounce[s].raw(len as usize)
+                            let h = bounce[s]
+                                .take()
+                                .ok_or(EngineError::Internal("a bounce buffer lent twice"))?;
+                            DriveBuf::host(s, h, len as usize)
                         } else {
-                            slots.io_view(s, len as usize)
+                            slots.take(s, len as usize)?
                         };
                         if let Err(rej) = drive.ring.read(drive.t, offset, buf, seq) {
-                            core.on_read_done(seq, Err(rej.to_string()), &mut out);
+                            let why = rej.to_string();
+                            if let Some(b) = rej.buf {
+                                if let Some(h) = slots.give_back(b) {
+                                    bounce[s] = Some(h);
+                                }
+                            }
+                            core.on_read_done(seq, Err(why), &mut out);
                         }
                     }
                     PrimaryAction::Write {
@@ -216,15 +241,15 @@ impl PrimaryEngine {
                         let s = *slot_of
                             .get(&seq)
                             .ok_or(EngineError::Internal("write of a block without a slot"))?;
-                        let b = slots.buf(s);
+                        let (chunk, at) = slots.chunk_of(s);
                         let link = &links[replica];
                         let mr = link
                             .mrs
-                            .get(&b.chunk_id())
+                            .get(&chunk)
                             .ok_or(EngineError::Internal("slot chunk not registered"))?;
                         // Queued: posted with the BlockSent the core asks for next, in one
                         // chain (RC keeps them in order on the QP).
-                        match mr.sge(b.offset_in_chunk(), remote.len as usize) {
+                        match mr.sge(at, remote.len as usize) {
                             Ok(sge) => link.queue(SendRequest::new(
                                 WR_WRITE | seq,
                                 SendOp::Write(rdma::RemoteBuf {
@@ -275,25 +300,26 @@ impl PrimaryEngine {
                 busy = true;
                 let seq = c.tag;
                 let want = layout.block(seq).map_or(0, |b| b.len as usize);
-                let res = match c.result {
-                    Ok(got) if got == want => {
-                        let s = *slot_of
-                            .get(&seq)
-                            .ok_or(EngineError::Internal("read of a block without a slot"))?;
-                        if bouncing {
-                            // SAFETY: slot `s` belongs to this block only and no DMA targets
-                            // it now (its read went to the bounce buffer; no WRITE yet).
-                            let dst = unsafe { std::slice::from_raw_parts_mut(slots.ptr(s), got) };
-                            meter.copy(dst, bounce[s].bytes(got));
-                        }
-                        Ok(if cfg.verify {
-                            // SAFETY: the read into slot `s` completed; only the NIC reads it
-                            // from now on.
-                            crc32c(unsafe { slot_bytes(slots.ptr(s), got) })
-                        } else {
-                            0
-                        })
+                // The read's buffer comes back with its completion, on every path.
+                let Some(buf) = c.buf else {
+                    return Err(EngineError::Internal("a read completed without its buffer"));
+                };
+                let s = buf.slot();
+                if bouncing {
+                    // The block's bytes go into the registered slot (no WRITE reads it yet).
+                    if matches!(c.result, Ok(got) if got == want) {
+                        meter.copy(slots.bytes_mut(s, want)?, buf.bytes());
                     }
+                }
+                if let Some(h) = slots.give_back(buf) {
+                    bounce[s] = Some(h);
+                }
+                let res = match c.result {
+                    Ok(got) if got == want => Ok(if cfg.verify {
+                        crc32c(slots.bytes(s, got)?)
+                    } else {
+                        0
+                    }),
                     Ok(got) => Err(format!("short read: {got} of {want} bytes")),
                     Err(e) => Err(e.to_string()),
                 };
@@ -361,7 +387,8 @@ impl PrimaryEngine {
                 last_progress = Instant::now();
                 waiter.busy();
             } else if actions.is_empty() && !core.is_finished() {
-                if last_progress.elapsed() > cfg.timeout {
+                // Reads held by the pacer are this side's choice, not a stalled replica.
+                if last_progress.elapsed() > cfg.timeout && paced.is_empty() {
                     for r in 0..n {
                         core.on_replica_lost(
                             r,
@@ -375,11 +402,19 @@ impl PrimaryEngine {
                     }
                     continue;
                 }
-                let bound =
-                    wait_bound(last_progress.elapsed(), cfg.timeout, Duration::from_secs(1));
+                let mut bound = wait_bound(
+                    last_progress.elapsed(),
+                    cfg.timeout,
+                    cfg.progress_every.min(Duration::from_secs(1)),
+                );
+                if !paced.is_empty() {
+                    bound = pacer
+                        .bound(Instant::now(), bound)
+                        .max(Duration::from_micros(50));
+                }
                 waiter.idle(links, &mut drive.ring, bound, &mut done)?;
             }
-            if last_report.elapsed() >= Duration::from_secs(1) {
+            if last_report.elapsed() >= cfg.progress_every {
                 last_report = Instant::now();
                 let (blocks, bytes) = core.ledger().replicated_blocks_bytes();
                 observe(Event::Progress {

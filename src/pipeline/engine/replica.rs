@@ -13,9 +13,10 @@ use crate::rdma::{
 
 use super::drive::{Backend, Drive, WriteCache};
 use super::link::{Link, WR_BIND, WR_INV, WR_MASK, WR_RECV};
-use super::slots::{slot_bytes, BufferInfo, HostBuf, Slots};
+use super::slots::{BufferInfo, DriveBuf, Slots};
 use super::wait::Waiter;
 use super::{cpu_time, wait_bound, CopyMode, EngineError, Event, ReplicaConfig};
+use crate::uring::AlignedBuf;
 
 /// How a replica's run ended (both are orderly ends; errors are [`EngineError`]s).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,18 +46,25 @@ pub struct ReplicaReport {
     pub cpu: Duration,
 }
 
+/// A drive operation in flight. Its buffer is not here: the ring owns it until the completion
+/// hands it back, so no return path can free memory the drive may still write.
 enum Io {
-    Write { seq: u64 },
+    Write { seq: u64, len: u32 },
     Flush,
-    ReadBack { seq: u64, len: u32, buf: HostBuf },
+    ReadBack { seq: u64, len: u32 },
 }
+
+/// The slot index of a read-back buffer (which serves no slot).
+const READ_BACK: usize = usize::MAX;
 
 /// A replica listening for its primary, with its target open and buffers allocated.
 pub struct ReplicaEngine {
+    // The drive first: dropping its ring waits for what is in flight (which owns its buffers).
+    drive: Drive,
     cfg: ReplicaConfig,
     listener: Listener,
-    bounce: Vec<HostBuf>,
-    drive: Drive,
+    /// Bounce mode: one host buffer per slot, `None` while a write owns it.
+    bounce: Vec<Option<AlignedBuf>>,
     slots: Slots,
 }
 
@@ -76,7 +84,7 @@ impl ReplicaEngine {
         let slots = Slots::alloc(cfg.buffers, cfg.window as usize, cfg.block_size as usize)?;
         let bounce = match cfg.copy {
             CopyMode::Bounce => (0..cfg.window)
-                .map(|_| HostBuf::new(cfg.block_size as usize))
+                .map(|_| Some(AlignedBuf::new(cfg.block_size as usize)))
                 .collect(),
             CopyMode::None => Vec::new(),
         };
@@ -165,7 +173,7 @@ impl ReplicaEngine {
     ) -> Result<ReplicaReport, EngineError> {
         let cfg = &self.cfg;
         let drive = &mut self.drive;
-        let slots = &self.slots;
+        let slots = &mut self.slots;
         let bounce = &mut self.bounce;
         let block_max = cfg.block_size;
         let flush = drive.cache.volatile;
@@ -208,16 +216,16 @@ impl ReplicaEngine {
                                 max: block_max,
                             });
                         }
-                        let b = slots.buf(slot);
+                        let (chunk, at) = slots.chunk_of(slot);
                         let mr = link
                             .mrs
-                            .get(&b.chunk_id())
+                            .get(&chunk)
                             .ok_or(EngineError::Internal("slot chunk not registered"))?;
                         let bind = SendRequest::bind_window(
                             WR_BIND | slot as u64,
                             &mws[slot],
                             mr,
-                            b.offset_in_chunk() as u64,
+                            at as u64,
                             u64::from(len),
                             WindowAccess::none().remote_write(),
                         )
@@ -227,7 +235,7 @@ impl ReplicaEngine {
                         link.queue(bind);
                         link.queue_msg(&Message::BufferReady {
                             seq,
-                            addr: b.addr() as u64,
+                            addr: slots.ptr(slot) as u64,
                             rkey,
                             len,
                         });
@@ -247,13 +255,13 @@ impl ReplicaEngine {
                         ));
                     }
                     ReplicaAction::ReadBack { seq, offset, len } => {
-                        let mut buf = HostBuf::new(len as usize);
-                        let raw = buf.raw(len as usize);
+                        let buf =
+                            DriveBuf::host(READ_BACK, AlignedBuf::new(len as usize), len as usize);
                         let tag = next_tag;
                         next_tag += 1;
-                        match drive.ring.read(drive.t, offset, raw, tag) {
+                        match drive.ring.read(drive.t, offset, buf, tag) {
                             Ok(()) => {
-                                ios.insert(tag, Io::ReadBack { seq, len, buf });
+                                ios.insert(tag, Io::ReadBack { seq, len });
                             }
                             Err(rej) => {
                                 let st = status_of(&rej.error);
@@ -307,21 +315,30 @@ impl ReplicaEngine {
                             let (seq, offset, len) = pending_write
                                 .remove(&slot)
                                 .ok_or(EngineError::Internal("invalidation without a write"))?;
-                            let mut raw = slots.io_view(slot, len as usize);
-                            if cfg.copy == CopyMode::Bounce {
-                                // SAFETY: the window over the slot was just invalidated; the
-                                // slot is not re-advertised before this block is acked.
-                                let src = unsafe { slot_bytes(slots.ptr(slot), len as usize) };
-                                meter.copy(bounce[slot].bytes_mut(len as usize), src);
-                                raw = bounce[slot].raw(len as usize);
-                            }
+                            // The window over the slot was just invalidated; the slot is not
+                            // re-advertised before this block is acked.
+                            let buf = if cfg.copy == CopyMode::Bounce {
+                                let mut h = bounce[slot]
+                                    .take()
+                                    .ok_or(EngineError::Internal("a bounce buffer lent twice"))?;
+                                meter.copy(
+                                    &mut h.as_mut_slice()[..len as usize],
+                                    slots.bytes(slot, len as usize)?,
+                                );
+                                DriveBuf::host(slot, h, len as usize)
+                            } else {
+                                slots.take(slot, len as usize)?
+                            };
                             let tag = next_tag;
                             next_tag += 1;
-                            match drive.ring.write(drive.t, offset, raw, tag) {
+                            match drive.ring.write(drive.t, offset, buf, tag) {
                                 Ok(()) => {
-                                    ios.insert(tag, Io::Write { seq });
+                                    ios.insert(tag, Io::Write { seq, len });
                                 }
                                 Err(rej) => {
+                                    if let Some(h) = rej.buf.and_then(|b| slots.give_back(b)) {
+                                        bounce[slot] = Some(h);
+                                    }
                                     let st = status_of(&rej.error);
                                     core.on_write_done(seq, st, &mut out).map_err(|_| {
                                         EngineError::Internal("write result for an unknown block")
@@ -347,13 +364,31 @@ impl ReplicaEngine {
             let link = &links[0];
             for c in done.drain(..) {
                 busy = true;
+                // The buffer comes back with its completion: to its slot, its bounce place,
+                // or (a read-back) to be checked and freed.
+                let mut read_back = None;
+                if let Some(b) = c.buf {
+                    let slot = b.slot();
+                    if slot == READ_BACK {
+                        read_back = Some(b);
+                    } else if let Some(h) = slots.give_back(b) {
+                        bounce[slot] = Some(h);
+                    }
+                }
+                let io = ios.remove(&c.tag);
+                // A short transfer fails the block: only the whole block counts.
+                let want = match &io {
+                    Some(Io::Write { len, .. } | Io::ReadBack { len, .. }) => Some(*len as usize),
+                    _ => None,
+                };
                 let status = match &c.result {
+                    Ok(got) if want.is_some_and(|w| *got != w) => Status::Errno(libc::EIO as u16),
                     Ok(_) => Status::Ok,
                     Err(e) => status_of(e),
                 };
-                match ios.remove(&c.tag) {
-                    Some(Io::Write { seq }) if flush => unflushed.push((seq, status)),
-                    Some(Io::Write { seq }) => core
+                match io {
+                    Some(Io::Write { seq, .. }) if flush => unflushed.push((seq, status)),
+                    Some(Io::Write { seq, .. }) => core
                         .on_write_done(seq, status, &mut out)
                         .map_err(|_| EngineError::Internal("write result for an unknown block"))?,
                     Some(Io::Flush) => {
@@ -364,8 +399,11 @@ impl ReplicaEngine {
                             })?;
                         }
                     }
-                    Some(Io::ReadBack { seq, len, buf }) => {
-                        let crc = crc32c(buf.bytes(len as usize));
+                    Some(Io::ReadBack { seq, len }) => {
+                        let crc = match (&read_back, status.is_ok()) {
+                            (Some(b), true) => crc32c(b.bytes()),
+                            _ => 0,
+                        };
                         core.on_readback_done(seq, len, crc, status, &mut out);
                     }
                     None => {}

@@ -1,12 +1,21 @@
 //! Block buffers: one p2p-alloc pool sized for the window, whose chunks are registered once
-//! as RDMA memory regions per connection, and the raw view io_uring gets of a slot.
+//! as RDMA memory regions per connection, and [`DriveBuf`], the owned buffer a drive
+//! operation holds while it is in flight.
+//!
+//! Ownership rule: a drive read or write *moves* its buffer (a slot's pool buffer, or a host
+//! bounce / read-back buffer) into the io_uring ring, which hands it back only with the
+//! completion. No return path of an engine can free memory the kernel may still write: a
+//! buffer in flight is owned by the ring, whose drop waits for (or, failing that, leaks) what
+//! is in flight. RDMA access to slots goes through the pool chunks' memory regions, which live
+//! as long as the pool's chunks, and is ordered by the cores (a slot is advertised or written
+//! only when no drive operation holds it).
 
 use std::collections::HashMap;
 use std::fmt;
 
 use crate::p2p_alloc::{self as alloc, Placement, Pool};
 use crate::rdma::{Access, MemoryKind, MemoryRegion, ProtectionDomain};
-use crate::uring::RawBuf;
+use crate::uring::{AlignedBuf, IoBuf};
 
 use super::{BufferChoice, EngineError};
 
@@ -25,12 +34,80 @@ impl fmt::Display for BufferInfo {
     }
 }
 
-/// `n` block buffers from one pool.
+/// Where a slot's memory is, kept while its buffer is lent to a drive operation.
+struct SlotMeta {
+    addr: usize,
+    len: usize,
+    chunk_id: u32,
+    offset_in_chunk: usize,
+}
+
+/// `n` block buffers from one pool. A slot's buffer is `None` while a drive operation owns it.
 pub(crate) struct Slots {
     // Buffers before the pool: they return their space to it when dropped.
-    bufs: Vec<alloc::Buffer>,
+    bufs: Vec<Option<alloc::Buffer>>,
+    meta: Vec<SlotMeta>,
     pool: Pool,
     pub(crate) info: BufferInfo,
+}
+
+enum Mem {
+    Slot(alloc::Buffer),
+    Host(AlignedBuf),
+}
+
+/// A buffer a drive operation owns while in flight: the first `len` bytes of a slot's pool
+/// buffer, or of a host buffer (bounce copies, read-backs). The ring gives it back with the
+/// completion; then [`Slots::give_back`] returns a slot buffer to its slot and a host buffer to
+/// the caller.
+pub(crate) struct DriveBuf {
+    mem: Mem,
+    len: usize,
+    slot: usize,
+}
+
+impl DriveBuf {
+    /// The first `len` bytes of `buf`, on behalf of slot `slot` (a bounce or read-back buffer).
+    pub(crate) fn host(slot: usize, buf: AlignedBuf, len: usize) -> DriveBuf {
+        assert!(len <= buf.as_slice().len(), "a block fits its host buffer");
+        DriveBuf {
+            mem: Mem::Host(buf),
+            len,
+            slot,
+        }
+    }
+    /// The slot this buffer serves.
+    pub(crate) fn slot(&self) -> usize {
+        self.slot
+    }
+    /// The bytes (the operation that owned the buffer has completed: the ring gave it back).
+    pub(crate) fn bytes(&self) -> &[u8] {
+        match &self.mem {
+            Mem::Slot(b) => &b.as_slice()[..self.len],
+            Mem::Host(b) => &b.as_slice()[..self.len],
+        }
+    }
+}
+
+// SAFETY: both kinds own their memory (a pool buffer keeps its chunk mapped; an AlignedBuf is
+// a heap allocation), which does not move when the value moves; `len` never exceeds it
+// (checked at construction); as_ptr and as_mut_ptr are the same address.
+unsafe impl IoBuf for DriveBuf {
+    fn as_ptr(&self) -> *const u8 {
+        match &self.mem {
+            Mem::Slot(b) => b.addr(),
+            Mem::Host(b) => b.as_slice().as_ptr(),
+        }
+    }
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        match &mut self.mem {
+            Mem::Slot(b) => b.addr(),
+            Mem::Host(b) => b.as_mut_slice().as_mut_ptr(),
+        }
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
 }
 
 /// The chunk size: a power of two holding at least one block, and at least 4 MiB so a
@@ -97,14 +174,23 @@ impl Slots {
             }
         };
         let mut bufs = Vec::with_capacity(n);
+        let mut meta = Vec::with_capacity(n);
         for _ in 0..n {
-            bufs.push(pool.alloc(block).map_err(|source| EngineError::Buffers {
+            let b = pool.alloc(block).map_err(|source| EngineError::Buffers {
                 what: format!("allocating {n} x {block} B {want} buffers"),
                 source,
-            })?);
+            })?;
+            meta.push(SlotMeta {
+                addr: b.addr() as usize,
+                len: b.len(),
+                chunk_id: b.chunk_id(),
+                offset_in_chunk: b.offset_in_chunk(),
+            });
+            bufs.push(Some(b));
         }
         Ok(Slots {
             bufs,
+            meta,
             pool,
             info: BufferInfo { kind: want, reason },
         })
@@ -114,23 +200,74 @@ impl Slots {
         self.bufs.len()
     }
 
-    pub(crate) fn buf(&self, i: usize) -> &alloc::Buffer {
-        &self.bufs[i]
-    }
-
+    /// Start address of slot `i` (for RDMA descriptors and the wire; the memory stays mapped
+    /// while the pool lives, whoever holds the buffer).
     pub(crate) fn ptr(&self, i: usize) -> *mut u8 {
-        self.bufs[i].addr()
+        self.meta[i].addr as *mut u8
     }
 
-    /// The first `len` bytes of slot `i`, for one io_uring operation.
-    pub(crate) fn io_view(&self, i: usize, len: usize) -> RawBuf {
-        debug_assert!(len <= self.bufs[i].len(), "a block is at most one slot");
-        // SAFETY: a block is at most one slot (the engine's block size is the slot size). The
-        // pool, and so every slot, outlives the ring's use of it: the engines drain the ring
-        // before dropping their slots, bounce and read-back buffers. The slot bookkeeping of
-        // the primary/replica loops never gives one slot to two operations at once, and
-        // nothing else touches a slot while an operation owns it.
-        unsafe { RawBuf::new(self.ptr(i), len) }
+    /// The pool chunk slot `i` lies in (its memory region) and its offset there.
+    pub(crate) fn chunk_of(&self, i: usize) -> (u32, usize) {
+        (self.meta[i].chunk_id, self.meta[i].offset_in_chunk)
+    }
+
+    /// Lends the first `len` bytes of slot `i`'s buffer to one drive operation.
+    ///
+    /// # Errors
+    /// [`EngineError::Internal`] when the slot is already lent (a bookkeeping bug: refused
+    /// rather than letting two operations share memory) or `len` exceeds the slot.
+    pub(crate) fn take(&mut self, i: usize, len: usize) -> Result<DriveBuf, EngineError> {
+        if len > self.meta[i].len {
+            return Err(EngineError::Internal("a block larger than its slot"));
+        }
+        let b = self.bufs[i]
+            .take()
+            .ok_or(EngineError::Internal("a slot lent to two drive operations"))?;
+        Ok(DriveBuf {
+            mem: Mem::Slot(b),
+            len,
+            slot: i,
+        })
+    }
+
+    /// The first `len` bytes of slot `i` (while no drive operation holds it).
+    ///
+    /// # Errors
+    /// [`EngineError::Internal`] when the slot is lent to a drive operation.
+    pub(crate) fn bytes(&self, i: usize, len: usize) -> Result<&[u8], EngineError> {
+        match &self.bufs[i] {
+            Some(b) if len <= b.len() => Ok(&b.as_slice()[..len]),
+            Some(_) => Err(EngineError::Internal("a block larger than its slot")),
+            None => Err(EngineError::Internal(
+                "a slot read while a drive operation holds it",
+            )),
+        }
+    }
+
+    /// The first `len` bytes of slot `i`, writable (while no drive operation holds it).
+    ///
+    /// # Errors
+    /// As [`Slots::bytes`].
+    pub(crate) fn bytes_mut(&mut self, i: usize, len: usize) -> Result<&mut [u8], EngineError> {
+        match &mut self.bufs[i] {
+            Some(b) if len <= b.len() => Ok(&mut b.as_mut_slice()[..len]),
+            Some(_) => Err(EngineError::Internal("a block larger than its slot")),
+            None => Err(EngineError::Internal(
+                "a slot written while a drive operation holds it",
+            )),
+        }
+    }
+
+    /// Returns a completed operation's buffer: a slot buffer to its slot; a host buffer is
+    /// handed back to the caller.
+    pub(crate) fn give_back(&mut self, b: DriveBuf) -> Option<AlignedBuf> {
+        match b.mem {
+            Mem::Slot(buf) => {
+                self.bufs[b.slot] = Some(buf);
+                None
+            }
+            Mem::Host(h) => Some(h),
+        }
     }
 
     /// Registers every chunk of the pool once with `pd`; returns chunk id -> region.
@@ -163,42 +300,4 @@ impl Slots {
         }
         Ok(out)
     }
-}
-
-/// Host buffers with 4096-byte aligned views, for bounce copies and read-backs.
-pub(crate) struct HostBuf(Vec<u8>);
-
-impl HostBuf {
-    pub(crate) fn new(len: usize) -> HostBuf {
-        HostBuf(vec![0u8; len + 4096])
-    }
-    fn start(&self) -> usize {
-        self.0.as_ptr().align_offset(4096)
-    }
-    /// The aligned first `len` bytes.
-    pub(crate) fn bytes(&self, len: usize) -> &[u8] {
-        let a = self.start();
-        &self.0[a..a + len]
-    }
-    /// The aligned first `len` bytes, writable.
-    pub(crate) fn bytes_mut(&mut self, len: usize) -> &mut [u8] {
-        let a = self.start();
-        &mut self.0[a..a + len]
-    }
-    /// The aligned view for one io_uring operation.
-    pub(crate) fn raw(&mut self, len: usize) -> RawBuf {
-        let ptr = self.bytes_mut(len).as_mut_ptr();
-        // SAFETY: see `io_view`; the engines hold bounce and read-back buffers like slots.
-        unsafe { RawBuf::new(ptr, len) }
-    }
-}
-
-/// Reads `len` bytes of a slot that no device is writing right now (checksums, bounce copies).
-///
-/// # Safety
-/// `ptr..ptr+len` is a live slot whose DMA completed and which nothing writes until the
-/// returned slice is dropped.
-pub(crate) unsafe fn slot_bytes<'a>(ptr: *const u8, len: usize) -> &'a [u8] {
-    // SAFETY: the caller's contract.
-    unsafe { std::slice::from_raw_parts(ptr, len) }
 }

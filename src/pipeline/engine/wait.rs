@@ -14,7 +14,8 @@
 use std::os::fd::BorrowedFd;
 use std::time::Duration;
 
-use crate::uring::{Completion, OpKind, PollId, RawBuf, Ring};
+use super::slots::DriveBuf;
+use crate::uring::{Completion, OpKind, PollId, Ring};
 
 use super::link::Link;
 use super::{EngineError, WaitMode};
@@ -61,9 +62,9 @@ impl Waiter {
     pub(crate) fn idle(
         &mut self,
         links: &[Link],
-        ring: &mut Ring<RawBuf>,
+        ring: &mut Ring<DriveBuf>,
         bound: Duration,
-        done: &mut Vec<Completion<RawBuf>>,
+        done: &mut Vec<Completion<DriveBuf>>,
     ) -> Result<(), EngineError> {
         self.empty_rounds += 1;
         match self.mode {
@@ -82,9 +83,9 @@ impl Waiter {
     fn sleep(
         &mut self,
         links: &[Link],
-        ring: &mut Ring<RawBuf>,
+        ring: &mut Ring<DriveBuf>,
         bound: Duration,
-        done: &mut Vec<Completion<RawBuf>>,
+        done: &mut Vec<Completion<DriveBuf>>,
     ) -> Result<(), EngineError> {
         let mut rearmed = false;
         for (i, (l, w)) in links.iter().zip(&mut self.watches).enumerate() {
@@ -138,7 +139,7 @@ impl Waiter {
     fn take_polls(
         &mut self,
         links: &[Link],
-        done: &mut Vec<Completion<RawBuf>>,
+        done: &mut Vec<Completion<DriveBuf>>,
         start: usize,
     ) -> Result<(), EngineError> {
         let mut i = start;
@@ -177,7 +178,7 @@ impl Waiter {
     pub(crate) fn filter(
         &mut self,
         links: &[Link],
-        done: &mut Vec<Completion<RawBuf>>,
+        done: &mut Vec<Completion<DriveBuf>>,
     ) -> Result<(), EngineError> {
         if self.mode == WaitMode::Events {
             self.take_polls(links, done, 0)?;
@@ -189,7 +190,7 @@ impl Waiter {
     /// buffer or fd is dropped under the kernel's feet (drive I/O always completes: the NVMe
     /// driver times commands out). Drive completions are discarded: call only when the run is
     /// over.
-    pub(crate) fn drain(&mut self, ring: &mut Ring<RawBuf>) {
+    pub(crate) fn drain(&mut self, ring: &mut Ring<DriveBuf>) {
         for w in &mut self.watches {
             for p in [w.cq_poll.take(), w.cm_poll.take()].into_iter().flatten() {
                 if let Err(e) = ring.poll_remove(p) {

@@ -3,8 +3,12 @@
 //! Convention: such a test carries `#[ignore = "skipped: no device ..."]`; `cargo xtask test`
 //! runs it inside the testbed VM with `--ignored`, where a missing device fails it.
 
+use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Panics (fails the test) when not inside the testbed VM: these tests must never pass
@@ -114,6 +118,184 @@ pub fn spawn(cmd: &mut Command) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"))
+}
+
+/// A spawned process whose output lines are read as they come, so a test waits for a line
+/// the program printed (a "listening" line, a progress count) instead of sleeping a fixed
+/// time. Lines of stdout and stderr both reach [`Watched::wait_line`]; all bytes are kept
+/// for [`Watched::finish`].
+pub struct Watched {
+    child: Child,
+    what: String,
+    lines: mpsc::Receiver<String>,
+    out: Arc<Mutex<Vec<u8>>>,
+    err: Arc<Mutex<Vec<u8>>>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+fn pump(
+    src: impl Read + Send + 'static,
+    keep: Arc<Mutex<Vec<u8>>>,
+    tx: mpsc::Sender<String>,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(src);
+        let mut line = Vec::new();
+        // Lines end at '\n' or '\r' (a terminal-style progress line rewrites itself with '\r').
+        loop {
+            line.clear();
+            let mut byte = [0u8; 1];
+            loop {
+                match r.read(&mut byte) {
+                    Ok(1) => {
+                        keep.lock().unwrap().push(byte[0]);
+                        if byte[0] == b'\n' || byte[0] == b'\r' {
+                            break;
+                        }
+                        line.push(byte[0]);
+                    }
+                    _ => {
+                        if !line.is_empty() {
+                            let _ = tx.send(String::from_utf8_lossy(&line).into_owned());
+                        }
+                        return;
+                    }
+                }
+            }
+            let _ = tx.send(String::from_utf8_lossy(&line).into_owned());
+        }
+    })
+}
+
+/// Spawns `cmd` with its output watched (see [`Watched`]); `what` names it in failures.
+pub fn spawn_watched(cmd: &mut Command, what: &str) -> Watched {
+    let mut child = spawn(cmd);
+    let (tx, rx) = mpsc::channel();
+    let out = Arc::new(Mutex::new(Vec::new()));
+    let err = Arc::new(Mutex::new(Vec::new()));
+    let readers = vec![
+        pump(
+            child.stdout.take().expect("piped stdout"),
+            out.clone(),
+            tx.clone(),
+        ),
+        pump(child.stderr.take().expect("piped stderr"), err.clone(), tx),
+    ];
+    Watched {
+        child,
+        what: what.to_string(),
+        lines: rx,
+        out,
+        err,
+        readers,
+    }
+}
+
+impl Watched {
+    /// The output so far, for failure messages.
+    pub fn so_far(&self) -> String {
+        format!(
+            "stdout:\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&self.out.lock().unwrap()),
+            String::from_utf8_lossy(&self.err.lock().unwrap())
+        )
+    }
+
+    /// Waits until the process prints a line for which `pick` returns `Some`, and returns
+    /// that. Fails the test (with the output so far) when the process ends first or
+    /// `timeout` passes: a generous bound for a hang, never a pacing device.
+    pub fn wait_for<T>(&mut self, timeout: Duration, mut pick: impl FnMut(&str) -> Option<T>) -> T {
+        let end = Instant::now() + timeout;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self
+                .lines
+                .recv_timeout(left.min(Duration::from_millis(200)))
+            {
+                Ok(line) => {
+                    if let Some(v) = pick(&line) {
+                        return v;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) if !left.is_zero() => {}
+                Err(e) => {
+                    let ended = matches!(e, mpsc::RecvTimeoutError::Disconnected);
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    panic!(
+                        "{}: {} before the awaited line\n{}",
+                        self.what,
+                        if ended { "ended" } else { "timed out" },
+                        self.so_far()
+                    );
+                }
+            }
+        }
+    }
+
+    /// Waits for a line containing `needle` and returns it (see [`Watched::wait_for`]).
+    pub fn wait_line(&mut self, needle: &str, timeout: Duration) -> String {
+        self.wait_for(timeout, |l| l.contains(needle).then(|| l.to_string()))
+    }
+
+    /// Sends SIGKILL.
+    pub fn kill(&mut self) {
+        self.child.kill().expect("kill");
+    }
+
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process has exited (without waiting).
+    pub fn has_exited(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_some()
+    }
+
+    /// Waits for the process to exit within `timeout` (else kills it and fails the test) and
+    /// returns all its output.
+    pub fn finish(mut self, timeout: Duration) -> Output {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                break s;
+            }
+            if start.elapsed() > timeout {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                for r in self.readers.drain(..) {
+                    let _ = r.join();
+                }
+                panic!(
+                    "{} did not finish within {timeout:?}\n{}",
+                    self.what,
+                    self.so_far()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        let stdout = std::mem::take(&mut *self.out.lock().unwrap());
+        let stderr = std::mem::take(&mut *self.err.lock().unwrap());
+        Output {
+            status,
+            stdout,
+            stderr,
+        }
+    }
+}
+
+impl Drop for Watched {
+    /// A test that fails midway leaves no process behind to disturb the next test.
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 pub fn text(o: &Output) -> String {
