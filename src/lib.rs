@@ -13,5 +13,6 @@ pub use peerpipe_p2p_alloc as p2p_alloc;
 pub use peerpipe_rdma as rdma;
 pub use peerpipe_uring as uring;
 pub mod info;
+pub mod nvmf;
 pub mod pipeline;
 pub mod protocol;
