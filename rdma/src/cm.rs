@@ -632,8 +632,11 @@ impl Listener {
             id,
             ctx,
             private_data: ev.private_data,
-            peer_responder_resources: ev.responder_resources,
-            peer_initiator_depth: ev.initiator_depth,
+            // The CM reports a request from the receiver's side (ib_cm swaps the REQ's two
+            // fields): `initiator_depth` is the READs the peer will answer for us (its
+            // responder resources), `responder_resources` the READs it wants to issue.
+            peer_responder_resources: ev.initiator_depth,
+            peer_initiator_depth: ev.responder_resources,
         })
     }
 }
@@ -655,6 +658,11 @@ impl ConnectRequest {
     /// The private data the client sent (possibly zero-padded by the transport).
     pub fn private_data(&self) -> &[u8] {
         &self.private_data
+    }
+    /// RDMA READs the client lets us have outstanding against it (its responder
+    /// resources); [`accept`](Self::accept) limits our initiator depth to this.
+    pub fn peer_responder_resources(&self) -> u8 {
+        self.peer_responder_resources
     }
     /// The client's address.
     pub fn peer_addr(&self) -> Option<SocketAddr> {
