@@ -27,6 +27,7 @@
 
 mod queue;
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -37,7 +38,9 @@ use std::time::{Duration, Instant};
 use crate::nvmf::backend::Backend;
 use crate::nvmf::{CmRequest, TargetCore};
 use crate::p2p_alloc::{Backing, Buffer, Pool};
-use crate::rdma::{self, Access, Context, Listener, MemoryKind, MemoryRegion, ProtectionDomain, Sge};
+use crate::rdma::{
+    self, Access, Context, Listener, MemoryKind, MemoryRegion, ProtectionDomain, Sge,
+};
 
 /// Why the transport could not run.
 #[derive(Debug, thiserror::Error)]
@@ -105,34 +108,37 @@ impl DeviceRes {
     ) -> Result<Sge, rdma::Error> {
         let mut mrs = self.mrs.lock().unwrap_or_else(|e| e.into_inner());
         let id = buf.chunk_id();
-        if !mrs.contains_key(&id) {
-            let c = pool
-                .chunks()
-                .into_iter()
-                .find(|c| c.id == id)
-                .ok_or_else(|| rdma::Error::InvalidArgument {
-                    op: "register pool chunk",
-                    reason: format!("chunk {id} is not in the pool"),
-                })?;
-            let kind = match c.backing {
-                Backing::P2p { .. } => MemoryKind::Peer,
-                Backing::Host { .. } => MemoryKind::Host,
-            };
-            // SAFETY: the chunk stays mapped while the pool lives. `Shared` drops its devices
-            // (and so these regions) before its pool, and queue threads, whose in-flight work
-            // requests hold clones, keep `Shared` alive until their QPs are destroyed.
-            let mr = unsafe {
-                MemoryRegion::register_raw(
-                    &self.pd,
-                    c.addr as *mut u8,
-                    c.len,
-                    Access::local_read().local_write(),
-                    kind,
-                )
-            }?;
-            mrs.insert(id, mr);
-        }
-        mrs[&id].sge(buf.offset_in_chunk() + start, len)
+        let mr = match mrs.entry(id) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(v) => {
+                let c = pool
+                    .chunks()
+                    .into_iter()
+                    .find(|c| c.id == id)
+                    .ok_or_else(|| rdma::Error::InvalidArgument {
+                        op: "register pool chunk",
+                        reason: format!("chunk {id} is not in the pool"),
+                    })?;
+                let kind = match c.backing {
+                    Backing::P2p { .. } => MemoryKind::Peer,
+                    Backing::Host { .. } => MemoryKind::Host,
+                };
+                // SAFETY: the chunk stays mapped while the pool lives. `Shared` drops its devices
+                // (and so these regions) before its pool, and queue threads, whose in-flight work
+                // requests hold clones, keep `Shared` alive until their QPs are destroyed.
+                let mr = unsafe {
+                    MemoryRegion::register_raw(
+                        &self.pd,
+                        c.addr as *mut u8,
+                        c.len,
+                        Access::local_read().local_write(),
+                        kind,
+                    )
+                }?;
+                v.insert(mr)
+            }
+        };
+        mr.sge(buf.offset_in_chunk() + start, len)
     }
 }
 
@@ -142,21 +148,20 @@ pub struct Shared {
     devices: Mutex<Vec<Arc<DeviceRes>>>,
     pub(crate) core: TargetCore,
     pub(crate) backends: Vec<Arc<Backend>>,
-    /// (subsystem NQN, nsid) -> index in `backends`.
-    pub(crate) namespaces: HashMap<(String, u32), usize>,
+    /// (subsystem index in the configuration, nsid) -> index in `backends`.
+    pub(crate) namespaces: HashMap<(usize, u32), usize>,
     pub(crate) pool: Pool,
-    pub(crate) inline_data_size: u32,
     pub(crate) stats: TransportStats,
 }
 
 impl Shared {
-    /// Ties the pieces together; `namespaces` maps (subsystem NQN, nsid) to `backends`.
+    /// Ties the pieces together; `namespaces` maps (subsystem index in the configuration,
+    /// nsid) to an index in `backends`.
     pub fn new(
         core: TargetCore,
         backends: Vec<Arc<Backend>>,
-        namespaces: HashMap<(String, u32), usize>,
+        namespaces: HashMap<(usize, u32), usize>,
         pool: Pool,
-        inline_data_size: u32,
     ) -> Shared {
         Shared {
             devices: Mutex::new(Vec::new()),
@@ -164,7 +169,6 @@ impl Shared {
             backends,
             namespaces,
             pool,
-            inline_data_size,
             stats: TransportStats::default(),
         }
     }
@@ -243,7 +247,9 @@ pub fn serve(
                 continue;
             }
         };
-        let cm = match CmRequest::parse(req.private_data()) {
+        let cm = match CmRequest::parse(req.private_data())
+            .and_then(|cm| shared.core.admit(&cm).map(|()| cm))
+        {
             Ok(cm) => cm,
             Err(rej) => {
                 shared.stats.queues_rejected.fetch_add(1, Ordering::Relaxed);

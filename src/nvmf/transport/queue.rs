@@ -29,11 +29,13 @@ use crate::nvmf::{
 use crate::p2p_alloc::Buffer;
 use crate::rdma::{
     self, Access, CompletionChannel, CompletionQueue, ConnParams, ConnectRequest, Connection,
-    MemoryRegion, QpCaps, QpInit, RecvRequest, RemoteBuf, SendOp, SendRequest, WcOpcode,
-    WcStatus, EMPTY_COMPLETION,
+    MemoryRegion, QpCaps, QpInit, RecvRequest, RemoteBuf, SendOp, SendRequest, WcOpcode, WcStatus,
+    EMPTY_COMPLETION,
 };
 use crate::uring::{self, PollId};
 
+/// The nsid of a Flush of every namespace.
+const ALL_NAMESPACES: u32 = 0xFFFF_FFFF;
 const WR_RECV: u64 = 1 << 60;
 const WR_SEND: u64 = 2 << 60;
 const WR_READ: u64 = 3 << 60;
@@ -82,6 +84,10 @@ struct Cmd {
     /// Its data buffer.
     buf: Option<PoolBuf>,
     stage: Stage,
+    /// Backend operations still in flight (a Flush of every namespace has several), and the
+    /// first error among those done.
+    ios_left: u32,
+    io_err: Option<i32>,
 }
 
 enum Stage {
@@ -140,7 +146,13 @@ pub(crate) fn run(req: ConnectRequest, cm: CmRequest, shared: &Arc<Shared>, ctl:
         }
     };
     shared.stats.queues_accepted.fetch_add(1, Ordering::Relaxed);
-    tracing::info!(?peer, qid = cm.qid, sq = cm.sq_entries(), reads = q.max_reads, "queue up");
+    tracing::info!(
+        ?peer,
+        qid = cm.qid,
+        sq = cm.sq_entries(),
+        reads = q.max_reads,
+        "queue up"
+    );
     match q.serve() {
         Ok(end) => tracing::info!(?peer, qid = cm.qid, ?end, "queue closed"),
         Err(e) => tracing::warn!(?peer, qid = cm.qid, error = %e, "queue torn down"),
@@ -162,7 +174,7 @@ impl<'a> Queue<'a> {
         let inline = if cm.qid == 0 {
             0
         } else {
-            shared.inline_data_size as usize
+            shared.core.inline_data_size() as usize
         };
         let max_send = (3 * n as u32 + 16).min(attr.max_qp_wr);
         let ch = CompletionChannel::new(&ctx).map_err(rdma_err("ibv_create_comp_channel"))?;
@@ -263,7 +275,11 @@ impl<'a> Queue<'a> {
                 .wait_timeout(1, IDLE_WAIT, &mut done)
                 .map_err(|source| QueueError::Ring { op: "wait", source })?;
             self.on_ring(&mut done)?;
-            for ev in self.conn.poll_events().map_err(rdma_err("rdma_get_cm_event"))? {
+            for ev in self
+                .conn
+                .poll_events()
+                .map_err(rdma_err("rdma_get_cm_event"))?
+            {
                 if matches!(
                     ev.kind,
                     rdma::CmEventKind::Disconnected | rdma::CmEventKind::DeviceRemoval
@@ -283,9 +299,11 @@ impl<'a> Queue<'a> {
             source,
         };
         if self.cq_poll.is_none() {
-            let ch = self.cq.channel().map(CompletionChannel::fd).ok_or_else(|| {
-                QueueError::Protocol("completion queue without a channel".into())
-            })?;
+            let ch = self
+                .cq
+                .channel()
+                .map(CompletionChannel::fd)
+                .ok_or_else(|| QueueError::Protocol("completion queue without a channel".into()))?;
             // SAFETY: the channel fd stays open while the CQ lives, which outlives the ring's
             // polls (teardown removes them and the ring drops before the CQ... it is declared
             // after it, and Drop cancels polls still armed).
@@ -315,11 +333,7 @@ impl<'a> Queue<'a> {
             match c.tag {
                 POLL_CQ if c.kind == uring::OpKind::Poll => {
                     self.cq_poll = None;
-                    while self
-                        .cq
-                        .take_event()
-                        .map_err(rdma_err("ibv_get_cq_event"))?
-                    {}
+                    while self.cq.take_event().map_err(rdma_err("ibv_get_cq_event"))? {}
                     self.armed = false;
                 }
                 POLL_CM if c.kind == uring::OpKind::Poll => self.cm_poll = None,
@@ -335,7 +349,7 @@ impl<'a> Queue<'a> {
 
     fn on_wc(&mut self, wc: &rdma::Completion) -> Result<(), QueueError> {
         if wc.status != WcStatus::Success {
-            return Err(if wc.status == WcStatus::WrFlushErr {
+            return Err(if wc.status == WcStatus::Flushed {
                 QueueError::Protocol("work requests flushed: the QP went to the error state".into())
             } else {
                 QueueError::Rdma {
@@ -368,10 +382,7 @@ impl<'a> Queue<'a> {
     }
 
     fn cmd(&mut self, idx: usize) -> Result<&mut Cmd, QueueError> {
-        self.cmds
-            .get_mut(idx)
-            .and_then(Option::as_mut)
-            .ok_or_else(|| QueueError::Protocol(format!("no command in slot {idx}")))
+        cmd_mut(&mut self.cmds, idx)
     }
 
     fn new_cmd(&mut self, c: Cmd) -> usize {
@@ -389,7 +400,10 @@ impl<'a> Queue<'a> {
 
     fn drop_cmd(&mut self, idx: usize) {
         if let Some(c) = self.cmds.get_mut(idx).and_then(Option::take) {
-            debug_assert!(c.slot.is_none(), "receive slot released before the response");
+            debug_assert!(
+                c.slot.is_none(),
+                "receive slot released before the response"
+            );
             self.free.push(idx);
         }
     }
@@ -428,6 +442,8 @@ impl<'a> Queue<'a> {
             slot: Some(slot),
             buf: None,
             stage: Stage::Sending,
+            ios_left: 0,
+            io_err: None,
         });
         let in_capsule: &[u8] = match (&self.recv_data[slot], data_len) {
             (Some(b), n) if n > 0 => &b.as_slice()[..n.min(b.len())],
@@ -620,17 +636,42 @@ impl<'a> Queue<'a> {
         }
     }
 
-    fn backend_of(&self, nsid: u32) -> Option<usize> {
-        let nqn = self.core.subsystem_nqn()?;
-        self.shared.namespaces.get(&(nqn.to_string(), nsid)).copied()
-    }
-
     fn start_io(&mut self, idx: usize, io: IoCommand) -> Result<Started, QueueError> {
-        let Some(backend) = self.backend_of(io.nsid) else {
+        let tag = idx as u64;
+        if io.nsid == ALL_NAMESPACES && io.op == IoOp::Flush {
+            // Flush every namespace of the subsystem; complete when all are done.
+            let all: Vec<usize> = self
+                .shared
+                .namespaces
+                .iter()
+                .filter(|((sub, _), _)| *sub == io.subsystem)
+                .map(|(_, &b)| b)
+                .collect();
+            let cmd = self.cmd(idx)?;
+            cmd.stage = Stage::Io {
+                read: false,
+                capsule: false,
+            };
+            cmd.ios_left = all.len() as u32 + 1;
+            for b in all {
+                if let Err(d) = self.io.submit(b, IoRequest::Flush, tag) {
+                    self.on_io_done(d)?;
+                }
+            }
+            // The extra count keeps the command alive until every flush is queued.
+            return self
+                .on_io_done(IoDone {
+                    tag,
+                    result: Ok(()),
+                    buf: None,
+                })
+                .map(|_| Started::Yes);
+        }
+        let Some(&backend) = self.shared.namespaces.get(&(io.subsystem, io.nsid)) else {
             let c = self.core.on_io_done(io.cid, Err(libc::ENODEV));
             return self.respond(idx, c, None).map(|_| Started::Yes);
         };
-        let tag = idx as u64;
+        self.cmd(idx)?.ios_left = 1;
         let req = match &io.op {
             IoOp::Read { offset, len } => {
                 let Some(b) = self.alloc(*len as usize) else {
@@ -718,6 +759,14 @@ impl<'a> Queue<'a> {
     fn on_io_done(&mut self, d: IoDone) -> Result<(), QueueError> {
         let idx = d.tag as usize;
         let cmd = self.cmd(idx)?;
+        cmd.ios_left = cmd.ios_left.saturating_sub(1);
+        if let Err(e) = d.result {
+            cmd.io_err.get_or_insert(e);
+        }
+        if cmd.ios_left > 0 {
+            return Ok(());
+        }
+        let result = cmd.io_err.map_or(Ok(()), Err);
         let (read, capsule) = match cmd.stage {
             Stage::Io { read, capsule } => (read, capsule),
             _ => (false, false),
@@ -728,8 +777,8 @@ impl<'a> Queue<'a> {
             // The in-capsule data buffer goes back to its receive slot.
             self.recv_data[slot] = buf.take().map(PoolBuf::into_buffer);
         }
-        let c = self.core.on_io_done(cid, d.result);
-        let remote = match (read, d.result, sgl, &buf) {
+        let c = self.core.on_io_done(cid, result);
+        let remote = match (read, result, sgl, &buf) {
             (true, Ok(()), Sgl::Keyed { addr, key, .. }, Some(b)) => Some(RemoteBuf {
                 addr,
                 len: uring::IoBuf::len(b) as u32,
@@ -750,7 +799,7 @@ impl<'a> Queue<'a> {
         data: Option<RemoteBuf>,
     ) -> Result<(), QueueError> {
         self.release_slot(idx)?;
-        let cmd = self.cmd(idx)?;
+        let cmd = cmd_mut(&mut self.cmds, idx)?;
         cmd.stage = Stage::Sending;
         let op = match cmd.sgl {
             Sgl::Keyed {
@@ -769,7 +818,12 @@ impl<'a> Queue<'a> {
                 .ok_or_else(|| QueueError::Protocol("data to return without a buffer".into()))?;
             let sge = self
                 .dev
-                .sge(&self.shared.pool, b.buffer(), b.start(), remote.len as usize)
+                .sge(
+                    &self.shared.pool,
+                    b.buffer(),
+                    b.start(),
+                    remote.len as usize,
+                )
                 .map_err(rdma_err("register pool chunk"))?;
             wrs.push(SendRequest::write(WR_WRITE | idx as u64, vec![sge], remote).unsignaled());
             self.shared
@@ -778,9 +832,7 @@ impl<'a> Queue<'a> {
                 .fetch_add(u64::from(remote.len), Ordering::Relaxed);
         }
         wrs.push(SendRequest::new(WR_SEND | idx as u64, op, Vec::new()).with_inline(&c.encode()));
-        self.conn
-            .post_send(&wrs)
-            .map_err(rdma_err("post response"))
+        self.conn.post_send(&wrs).map_err(rdma_err("post response"))
     }
 
     /// Disconnects, waits for the backend I/O in flight, and frees everything (the QP before
@@ -789,7 +841,10 @@ impl<'a> Queue<'a> {
         if let Err(e) = self.conn.start_disconnect() {
             tracing::debug!(error = %e, "rdma_disconnect");
         }
-        for p in [self.cq_poll.take(), self.cm_poll.take()].into_iter().flatten() {
+        for p in [self.cq_poll.take(), self.cm_poll.take()]
+            .into_iter()
+            .flatten()
+        {
             if let Err(e) = self.io.ring().poll_remove(p) {
                 tracing::debug!(error = %e, "poll_remove");
             }
@@ -813,6 +868,12 @@ impl<'a> Queue<'a> {
         tracing::debug!(qid = self.qid, "queue resources released");
         // Drop order (fields): QP, CQ, ring (waits for anything left), buffers.
     }
+}
+
+fn cmd_mut(cmds: &mut [Option<Cmd>], idx: usize) -> Result<&mut Cmd, QueueError> {
+    cmds.get_mut(idx)
+        .and_then(Option::as_mut)
+        .ok_or_else(|| QueueError::Protocol(format!("no command in slot {idx}")))
 }
 
 /// Whether starting `a` may need pool memory or an RDMA READ credit.
