@@ -57,9 +57,12 @@
 //!   [`TargetCore::inline_data_size`] sizes I/O receive buffers (64 + inline bytes).
 //! - `on_io_done` takes a positive errno (a negative one is accepted too).
 
+pub mod backend;
 pub mod config;
 mod ctrl;
+pub mod server;
 pub mod status;
+pub mod transport;
 pub mod wire;
 
 pub use config::{ConfigError, NamespaceConfig, SubsystemConfig, TargetConfig, DISCOVERY_NQN};
