@@ -447,6 +447,13 @@ fn malformed_message_from_replica_ends_only_that_connection() {
         }
         .encode()
         .to_vec(),
+        // A fin before the primary's: the replica may only answer one.
+        Message::Fin {
+            blocks: 1,
+            bytes: 16384,
+        }
+        .encode()
+        .to_vec(),
         // Advertisement far out of order.
         Message::BufferReady {
             seq: 9,
@@ -504,28 +511,24 @@ fn crafted_primary_cannot_make_a_replica_write_outside_the_range() {
             seq: 0,
             offset: 0,
             len: 4096,
-            crc: 0,
         },
         // Longer than the block.
         Message::BlockSent {
             seq: 0,
             offset: 1 << 20,
             len: 8192,
-            crc: 0,
         },
         // Not advertised yet.
         Message::BlockSent {
             seq: 2,
             offset: (1 << 20) + 8192,
             len: 4096,
-            crc: 0,
         },
         // Beyond the range.
         Message::BlockSent {
             seq: 4,
             offset: (1 << 20) + 16384,
             len: 4096,
-            crc: 0,
         },
     ];
     for m in bad {

@@ -2,7 +2,7 @@
 //! verification and the final verdict. An adapter executes the [`PrimaryAction`]s and feeds
 //! back completions; see the module docs of [`crate::pipeline`] for the rules enforced here.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Instant;
 
 use super::flow::Window;
@@ -68,7 +68,6 @@ pub enum PrimaryAction {
 #[derive(Debug)]
 struct InFlight {
     read_done: bool,
-    crc: u32,
     dispatched: bool,
     /// Replicas whose RDMA WRITE from this buffer has not completed locally.
     writing: Vec<usize>,
@@ -111,8 +110,10 @@ pub struct PrimaryCore {
     /// Read start per block, until every replica acked it.
     started: HashMap<u64, Instant>,
     mismatches: Mismatches,
-    /// Verify requests without an answer, per replica.
+    /// Verify requests without an answer, per replica (at most its granted window).
     verify_outstanding: Vec<u64>,
+    /// Blocks acked `Ok` whose verify request waits for room in the window, per replica.
+    verify_queue: Vec<VecDeque<u64>>,
     latency: LatencyHistogram,
     source_failed: Option<String>,
     fin_sent: bool,
@@ -153,6 +154,7 @@ impl PrimaryCore {
             started: HashMap::new(),
             mismatches: Mismatches::new(replicas),
             verify_outstanding: vec![0; replicas],
+            verify_queue: vec![VecDeque::new(); replicas],
             latency: LatencyHistogram::new(),
             source_failed: None,
             fin_sent: false,
@@ -205,7 +207,6 @@ impl PrimaryCore {
                 seq,
                 InFlight {
                     read_done: false,
-                    crc: 0,
                     dispatched: false,
                     writing: Vec::new(),
                 },
@@ -232,7 +233,6 @@ impl PrimaryCore {
         if !live.iter().all(|&r| self.adverts[r].contains_key(&seq)) {
             return;
         }
-        let crc = b.crc;
         let len = self.layout.block(seq).map_or(0, |b| b.len);
         let offset = self.layout.block(seq).map_or(0, |b| b.offset);
         let mut writing = Vec::new();
@@ -252,12 +252,7 @@ impl PrimaryCore {
             });
             out.push(PrimaryAction::Send {
                 replica: r,
-                msg: Message::BlockSent {
-                    seq,
-                    offset,
-                    len,
-                    crc,
-                },
+                msg: Message::BlockSent { seq, offset, len },
             });
             writing.push(r);
         }
@@ -294,7 +289,6 @@ impl PrimaryCore {
         b.read_done = true;
         match result {
             Ok(crc) => {
-                b.crc = crc;
                 if self.verify {
                     self.source_crc.insert(seq, crc);
                 }
@@ -380,13 +374,8 @@ impl PrimaryCore {
                     );
                 }
                 if status.is_ok() && self.verify {
-                    if self.sides[replica].on_verify_request(seq).is_ok() {
-                        self.verify_outstanding[replica] += 1;
-                        out.push(PrimaryAction::Send {
-                            replica,
-                            msg: Message::VerifyRequest { seq },
-                        });
-                    }
+                    self.verify_queue[replica].push_back(seq);
+                    self.pump_verify(replica, out);
                 } else if !status.is_ok() {
                     self.errors[replica].get_or_insert(format!(
                         "replica {replica} failed to write block {seq}: {status}"
@@ -412,6 +401,7 @@ impl PrimaryCore {
                         self.mismatches.unreadable(replica, range);
                     }
                 }
+                self.pump_verify(replica, out);
             }
             Message::Fin { .. } => {
                 self.fins[replica] = true;
@@ -421,6 +411,22 @@ impl PrimaryCore {
             _ => {}
         }
         self.maybe_fin(out);
+    }
+
+    /// Sends queued verify requests to `replica` while its window of read-backs has room.
+    fn pump_verify(&mut self, replica: usize, out: &mut Vec<PrimaryAction>) {
+        while self.sides[replica].can_verify() {
+            let Some(seq) = self.verify_queue[replica].pop_front() else {
+                break;
+            };
+            if self.sides[replica].on_verify_request(seq).is_ok() {
+                self.verify_outstanding[replica] += 1;
+                out.push(PrimaryAction::Send {
+                    replica,
+                    msg: Message::VerifyRequest { seq },
+                });
+            }
+        }
     }
 
     fn violation(&mut self, replica: usize, e: ProtocolError, out: &mut Vec<PrimaryAction>) {
@@ -453,6 +459,7 @@ impl PrimaryCore {
         self.ledger.fail_replica(replica);
         self.adverts[replica].clear();
         self.verify_outstanding[replica] = 0;
+        self.verify_queue[replica].clear();
         out.push(PrimaryAction::Disconnect { replica });
         // Its writes can no longer complete; blocks waiting for its buffers may now proceed.
         let seqs: Vec<u64> = self.blocks.keys().copied().collect();
@@ -470,18 +477,26 @@ impl PrimaryCore {
         if self.fin_sent || !self.blocks.is_empty() || !self.ledger.is_settled() {
             return;
         }
-        if self.verify_outstanding.iter().any(|&n| n > 0) {
+        if self.verify_outstanding.iter().any(|&n| n > 0)
+            || self.verify_queue.iter().any(|q| !q.is_empty())
+        {
             return;
         }
         self.fin_sent = true;
         let (blocks, bytes) = self.ledger.replicated_blocks_bytes();
         for r in 0..self.alive.len() {
-            if self.alive[r] {
-                out.push(PrimaryAction::Send {
-                    replica: r,
-                    msg: Message::Fin { blocks, bytes },
-                });
+            if !self.alive[r] {
+                continue;
             }
+            if let Err(e) = self.sides[r].on_fin_sent() {
+                // Settled in the ledger but not on the wire: never end a run on a guess.
+                self.lose(r, format!("internal: fin to replica {r} refused: {e}"), out);
+                continue;
+            }
+            out.push(PrimaryAction::Send {
+                replica: r,
+                msg: Message::Fin { blocks, bytes },
+            });
         }
     }
 

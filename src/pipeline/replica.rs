@@ -3,7 +3,7 @@
 //! out. Keeping I/O out makes every rule testable on a host.
 
 use super::range::Layout;
-use crate::protocol::{Message, ProtocolError, ReplicaSide, Status};
+use crate::protocol::{Message, ProtocolError, ReplicaSide, ReplicaTarget, Status, MAX_BLOCK_SIZE};
 
 /// What the adapter must do next, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,7 +33,8 @@ pub enum ReplicaAction {
         len: u32,
     },
     /// Read back `len` bytes at `offset`, checksum them, call
-    /// [`ReplicaCore::on_readback_done`].
+    /// [`ReplicaCore::on_readback_done`]. At most the granted window of these is outstanding
+    /// (the protocol refuses more), so read-back buffers are bounded by `window * block_size`.
     ReadBack {
         /// Block.
         seq: u64,
@@ -48,7 +49,6 @@ pub enum ReplicaAction {
 #[derive(Debug)]
 pub struct ReplicaCore {
     capacity: u64,
-    slots_max: usize,
     side: ReplicaSide,
     layout: Option<Layout>,
     /// Which block each slot holds (advertised or being written).
@@ -61,12 +61,23 @@ pub struct ReplicaCore {
 }
 
 impl ReplicaCore {
-    /// A replica whose target holds `capacity` bytes and which has `slots` block buffers.
+    /// A replica whose target holds `capacity` bytes and which has `slots` block buffers of
+    /// unknown size, on a target of unknown logical block size: the Hello is checked against
+    /// 512-byte logical blocks (the smallest Linux knows) and [`MAX_BLOCK_SIZE`] buffers.
+    /// Prefer [`ReplicaCore::with_target`], which checks against the real values.
     pub fn new(capacity: u64, slots: usize) -> ReplicaCore {
+        let slots = u32::try_from(slots).unwrap_or(u32::MAX);
+        ReplicaCore::with_target(ReplicaTarget::new(capacity, 512, slots, MAX_BLOCK_SIZE))
+    }
+
+    /// A replica serving `target`: its real capacity, logical block size (the direct I/O
+    /// unit), number of block buffers and bytes per buffer. A Hello whose range does not fit
+    /// the capacity, is not aligned to the logical block size, or whose blocks do not fit a
+    /// buffer is refused; the window granted is `min(proposed, target.slots)`.
+    pub fn with_target(target: ReplicaTarget) -> ReplicaCore {
         ReplicaCore {
-            capacity,
-            slots_max: slots.max(1),
-            side: ReplicaSide::new(capacity),
+            capacity: target.capacity,
+            side: ReplicaSide::new(target),
             layout: None,
             slots: Vec::new(),
             next_advert: 0,
@@ -147,12 +158,12 @@ impl ReplicaCore {
                         what: "range does not fit this replica's target",
                     }
                 })?;
-                let window = (c.window as usize).min(self.slots_max);
+                let window = self.side.window().unwrap_or(1);
                 self.layout = Some(layout);
-                self.slots = vec![None; window];
+                self.slots = vec![None; window as usize];
                 out.push(ReplicaAction::Send(Message::HelloAck {
                     replica_id: c.replica_id,
-                    window: window as u32,
+                    window,
                     capacity: self.capacity,
                 }));
                 self.advertise_free(out)?;
@@ -199,6 +210,7 @@ impl ReplicaCore {
                 });
             }
             Message::Fin { .. } => {
+                // The side accepted it: every block is acked and every read-back answered.
                 self.finished = true;
                 out.push(ReplicaAction::Send(Message::Fin {
                     blocks: self.written_blocks,
@@ -226,7 +238,7 @@ impl ReplicaCore {
         status: Status,
         out: &mut Vec<ReplicaAction>,
     ) -> Result<(), ProtocolError> {
-        self.side.on_ack(seq)?;
+        self.side.on_ack(seq, status)?;
         if let Some(s) = self.slots.iter_mut().find(|s| **s == Some(seq)) {
             *s = None;
         }
@@ -241,7 +253,8 @@ impl ReplicaCore {
         self.advertise_free(out)
     }
 
-    /// A read-back for `--verify` finished.
+    /// A read-back for `--verify` finished. A result for a block whose read-back was not
+    /// asked (an adapter bug) is dropped: the primary only accepts answers to its requests.
     pub fn on_readback_done(
         &mut self,
         seq: u64,
@@ -250,6 +263,9 @@ impl ReplicaCore {
         status: Status,
         out: &mut Vec<ReplicaAction>,
     ) {
+        if self.side.on_verify_done(seq).is_err() {
+            return;
+        }
         out.push(ReplicaAction::Send(Message::VerifyResult {
             seq,
             len,
