@@ -311,9 +311,8 @@ mod tests {
             Err(ConfigError::DuplicateSubsystem { .. })
         ));
         let mut d = c.clone();
-        d.subsystems[0]
-            .namespaces
-            .push(d.subsystems[0].namespaces[0].clone());
+        let dup = d.subsystems[0].namespaces[0].clone();
+        d.subsystems[0].namespaces.push(dup);
         assert!(matches!(
             d.validate(),
             Err(ConfigError::DuplicateNsid { nsid: 1, .. })

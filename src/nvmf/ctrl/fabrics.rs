@@ -194,19 +194,17 @@ pub(crate) fn on_connect_data(
 
     // I/O queue: join the controller named in the connect data.
     let qid = q.qid;
-    let matches = |c: &Controller, subsystems: &[super::state::Subsystem]| {
+    // Linux 6.12 also names the controller in the rdma_cm private data of I/O queues.
+    let cm_ok = q.cm_cntlid == 0 || q.cm_cntlid == data_cntlid;
+    let shared = &mut *s;
+    let subsystems = &shared.subsystems;
+    let found = shared.controllers.get_mut(&data_cntlid).filter(|c| {
         let nqn = c
             .subsys
-            .map(|i| subsystems[i].nqn.as_str())
-            .unwrap_or(DISCOVERY_NQN);
-        nqn == subnqn && c.hostnqn == hostnqn
-    };
-    let subsystems = s.subsystems.clone();
-    let Some(c) = s
-        .controllers
-        .get_mut(&data_cntlid)
-        .filter(|c| matches(c, &subsystems))
-    else {
+            .map_or(DISCOVERY_NQN, |i| subsystems[i].nqn.as_str());
+        cm_ok && nqn == subnqn && c.hostnqn == hostnqn && c.hostid == hostid
+    });
+    let Some(c) = found else {
         drop(s);
         return q.done_result(cid, invalid, IPO_DATA_CNTLID);
     };

@@ -336,6 +336,8 @@ pub struct QueueCore {
     /// Host SQ entries (hsqsize + 1).
     sq_entries: u16,
     sqhd: u16,
+    /// Controller id from the rdma_cm private data (0: not given).
+    cm_cntlid: u16,
     cntlid: Option<u16>,
     pending: HashMap<u16, Pending>,
 }
@@ -349,6 +351,7 @@ impl QueueCore {
             qid: req.qid,
             sq_entries: req.hsqsize.saturating_add(1),
             sqhd: 0,
+            cm_cntlid: if req.qid == 0 { 0 } else { req.cntlid },
             cntlid: None,
             pending: HashMap::new(),
         }
