@@ -1,6 +1,12 @@
 //! `peerpipe`: command-line front end. `peerpipe info [--json] [--no-probe]
 //! [--probe-dev /dev/nvmeXnY] [--sysroot DIR]` prints what this machine offers for
-//! zero-copy p2p pipelines (run as root for the probe and ACS details).
+//! zero-copy p2p pipelines (run as root for the probe and ACS details); `peerpipe target ...`
+//! serves namespaces to NVMe over Fabrics (RDMA) hosts (see `target.rs`).
+
+#[path = "peerpipe/log.rs"]
+mod log;
+#[path = "peerpipe/target.rs"]
+mod target;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,6 +16,7 @@ use peerpipe::p2p_alloc::{Prober, SysRoot};
 
 const USAGE: &str =
     "usage: peerpipe info [--json] [--no-probe] [--probe-dev BLOCKDEV] [--sysroot DIR]
+       peerpipe target --help
 
   --json         machine-readable output
   --no-probe     skip the capability probe (it maps 64 KiB of each provider)
@@ -52,6 +59,9 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
 }
 
 fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("target") {
+        return target::main(std::env::args().skip(2));
+    }
     let args = match parse(std::env::args().skip(1)) {
         Ok(a) => a,
         Err(e) if e.is_empty() => {
