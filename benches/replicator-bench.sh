@@ -33,15 +33,16 @@ ib_mbs() { # [extra ib_write_bw args, e.g. --mmap=/dev/p2pmem0 for buffers in p2
     awk '$1 ~ /^[0-9]+$/ && NF >= 5 {print $4}'
   wait $s
 }
+SECRET=/tmp/peerpipe-bench-secret; head -c 32 /dev/urandom | base64 > $SECRET
 rep_run() { # bufs copy nrep wait -> "mbs cpu copied replica1-cpu"
   local bufs=$1 copy=$2 nrep=$3 wait=$4 kids=() args=()
   for i in $(seq 1 $nrep); do
     local t=$([ $i = 1 ] && echo $D2 || echo $D3)
-    $BIN replica --listen $A1:$((7600+i)) --target $t --buffers $bufs --copy $copy --wait $wait --window $WINDOW --block-size $BS 2>/tmp/replicator-replica$i.err & kids+=($!)
+    $BIN replica --listen $A1:$((7600+i)) --target $t --buffers $bufs --copy $copy --wait $wait --window $WINDOW --block-size $BS --allow-primary $A0 --secret-file $SECRET 2>/tmp/replicator-replica$i.err & kids+=($!)
     args+=(--replica $A1:$((7600+i)))
   done
   local j; j=$($BIN primary --source $SRC --bind $A0 "${args[@]}" --len $SIZE --block-size $BS \
-      --window $WINDOW --buffers $bufs --copy $copy --wait $wait --json 2>/tmp/replicator-primary.err)
+      --window $WINDOW --buffers $bufs --copy $copy --wait $wait --json --secret-file $SECRET 2>/tmp/replicator-primary.err)
   wait "${kids[@]}"
   field() { echo "$j" | grep -o "\"$1\":[0-9.]*" | cut -d: -f2; }
   if echo "$j" | grep -q '"success":true'; then

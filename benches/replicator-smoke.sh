@@ -8,11 +8,12 @@ dev() { for d in /sys/block/nvme*; do [ "$(cat $d/device/serial | tr -d ' ')" = 
 SRC=$(dev data1); DST=$(dev data2)
 LEN=${LEN:-8M}
 echo "source $SRC target $DST"
+SECRET=/tmp/peerpipe-smoke-secret; head -c 32 /dev/urandom | base64 > $SECRET
 dd if=/dev/urandom of=$SRC bs=1M count=16 oflag=direct status=none
 for BUFS in ${MODES:-host p2p}; do
-  $BIN replica --listen $A1:7471 --target $DST --buffers $BUFS --timeout 20 & RP=$!
+  $BIN replica --listen $A1:7471 --target $DST --buffers $BUFS --timeout 20 --allow-primary $A0 --secret-file $SECRET & RP=$!
   sleep 1
-  timeout 120 $BIN primary --source $SRC --replica $A1:7471 --bind $A0 --len $LEN --buffers $BUFS ${EXTRA:---verify} --json --timeout 20
+  timeout 120 $BIN primary --source $SRC --replica $A1:7471 --bind $A0 --len $LEN --buffers $BUFS ${EXTRA:---verify} --json --timeout 20 --secret-file $SECRET
   echo "primary exit $?"
   wait $RP; echo "replica exit $?"
   cmp -n $((8<<20)) $SRC $DST && echo "cmp: identical"

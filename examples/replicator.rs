@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use peerpipe::pipeline::engine::{
     BufferChoice, CopyMode, EngineError, Event, PrimaryConfig, PrimaryEngine, PrimaryReport,
-    ReplicaConfig, ReplicaEnd, ReplicaEngine, WaitMode,
+    ReplicaAccess, ReplicaConfig, ReplicaEnd, ReplicaEngine, Secret, WaitMode,
 };
 use peerpipe::pipeline::ByteRange;
 
@@ -31,15 +31,28 @@ type Res<T> = Result<T, String>;
 /// Printed by `--help`; the exit codes are part of the interface (scripts and tests use them).
 const USAGE: &str = "\
 usage:
-  replicator replica --listen ADDR:PORT --target PATH [--buffers p2p|host] [--copy none|bounce]
+  replicator replica --listen ADDR:PORT --target PATH
+                     (--allow-primary ADDR [--allow-primary ...] --secret-file FILE | --insecure-any-primary)
+                     [--offset B] [--len B] [--buffers p2p|host] [--copy none|bounce]
                      [--window N] [--block-size B] [--timeout S] [--wait events|busy]
   replicator primary --source PATH --replica ADDR:PORT [--replica ...] [--bind ADDR]
                      [--offset B] [--len B] [--block-size B] [--window N]
                      [--buffers p2p|host] [--copy none|bounce] [--wait events|busy]
                      [--verify] [--json] [--timeout S] [--rate B] [--status-interval S]
+                     [--secret-file FILE]
 PATH: /dev/ngXnY (NVMe passthrough), a block device or a file (O_DIRECT).
 sizes take K/M/G suffixes; defaults: --block-size 64K, --window 16, --buffers p2p, --timeout 20,
 --wait events (sleep on RDMA completion channels and the drive in one io_uring; busy: poll).
+trust model: a replica writes only what its primary sends, so it accepts as primary only a
+peer connecting from an --allow-primary address that proves the secret in --secret-file (at
+least 16 bytes, the same file on both sides; a mutual HMAC-SHA256 challenge-response in the
+connection setup: the secret never crosses the wire, the replica proves it too), and only a
+range inside its own --offset/--len (default: the whole target). Others are refused and the
+replica goes on listening. --insecure-any-primary accepts the first peer that connects (trials
+on a closed network only). A block device target is opened O_EXCL: a mounted or claimed device
+is refused. If a replica dies, stalls or misbehaves, the primary fails that replica alone, the
+others finish, and exit code 1 and the summary name the failed replica and the unreplicated
+ranges; if the primary dies, each replica exits 3 with every block it acked on its drive.
 --rate B: read the source at most B bytes/s (as fio's --rate; default: unpaced).
 --status-interval S: print a `progress:` line to stderr every S seconds (fractions allowed),
 also when stderr is not a terminal (default: a progress bar on a terminal for runs >= 64M).
@@ -78,6 +91,9 @@ struct Opts {
     timeout: Duration,
     rate: Option<u64>,
     status_interval: Option<Duration>,
+    allow: Vec<IpAddr>,
+    secret_file: Option<String>,
+    insecure: bool,
 }
 
 fn parse_size(s: &str) -> Res<u64> {
@@ -117,6 +133,9 @@ fn parse(args: &[String]) -> Res<Opts> {
         timeout: Duration::from_secs(20),
         rate: None,
         status_interval: None,
+        allow: Vec::new(),
+        secret_file: None,
+        insecure: false,
     };
     let mut it = args[1..].iter();
     while let Some(a) = it.next() {
@@ -144,6 +163,13 @@ fn parse(args: &[String]) -> Res<Opts> {
                     Duration::from_secs(val()?.parse().map_err(|e| format!("--timeout: {e}"))?)
             }
             "--rate" => o.rate = Some(parse_size(&val()?)?),
+            "--allow-primary" => o.allow.push(
+                val()?
+                    .parse()
+                    .map_err(|e| format!("--allow-primary: {e}"))?,
+            ),
+            "--secret-file" => o.secret_file = Some(val()?),
+            "--insecure-any-primary" => o.insecure = true,
             "--status-interval" => {
                 let v = val()?;
                 o.status_interval = Some(
@@ -171,12 +197,32 @@ fn parse(args: &[String]) -> Res<Opts> {
     if !o.primary && (o.rate.is_some() || o.status_interval.is_some()) {
         return Err("--rate and --status-interval are primary options".into());
     }
+    if o.primary && (!o.allow.is_empty() || o.insecure) {
+        return Err("--allow-primary and --insecure-any-primary are replica options".into());
+    }
+    if !o.primary && !o.insecure && (o.allow.is_empty() || o.secret_file.is_none()) {
+        return Err(
+            "a replica needs --allow-primary ADDR and --secret-file FILE (who may write \
+             to it), or --insecure-any-primary to accept the first peer that connects"
+                .into(),
+        );
+    }
+    if o.insecure && (!o.allow.is_empty() || o.secret_file.is_some()) {
+        return Err("--insecure-any-primary contradicts --allow-primary / --secret-file".into());
+    }
     // The engine checks the rest (window, timeout, range) with the same messages.
     Ok(o)
 }
 
-fn primary_config(o: &Opts) -> PrimaryConfig {
-    o.replicas
+fn secret(o: &Opts) -> Result<Option<Secret>, EngineError> {
+    o.secret_file
+        .as_ref()
+        .map(|f| Secret::from_file(std::path::Path::new(f)))
+        .transpose()
+}
+
+fn primary_config(o: &Opts) -> Result<PrimaryConfig, EngineError> {
+    Ok(o.replicas
         .iter()
         .fold(PrimaryConfig::new(&o.path), |c, r| c.replica(*r))
         .bind(o.bind)
@@ -191,16 +237,22 @@ fn primary_config(o: &Opts) -> PrimaryConfig {
         .wait(o.wait)
         .rate(o.rate)
         .progress_every(o.status_interval.unwrap_or(Duration::from_secs(1)))
+        .secret(secret(o)?))
 }
 
-fn replica_config(o: &Opts, listen: SocketAddr) -> ReplicaConfig {
-    ReplicaConfig::new(&o.path, listen)
+fn replica_config(o: &Opts, listen: SocketAddr) -> Result<ReplicaConfig, EngineError> {
+    Ok(ReplicaConfig::new(&o.path, listen)
         .block_size(o.block_size)
         .window(o.window)
         .buffers(o.buffers)
         .copy(o.copy)
         .timeout(o.timeout)
         .wait(o.wait)
+        .bounds(o.offset, o.len)
+        .access(ReplicaAccess {
+            primaries: o.allow.clone(),
+            secret: secret(o)?,
+        }))
 }
 
 fn copy_text(c: CopyMode) -> &'static str {
@@ -221,7 +273,7 @@ fn say(mut line: String) {
 // ---------------------------------------------------------------- primary
 
 fn run_primary(o: &Opts) -> Result<bool, EngineError> {
-    let engine = PrimaryEngine::new(primary_config(o))?;
+    let engine = PrimaryEngine::new(primary_config(o)?)?;
     let layout = *engine.layout();
     let n = o.replicas.len();
     say(format!(
@@ -358,7 +410,7 @@ fn run_replica(o: &Opts) -> Result<u8, EngineError> {
         what: "--listen",
         reason: "is required".into(),
     })?;
-    let engine = ReplicaEngine::new(replica_config(o, listen))?;
+    let engine = ReplicaEngine::new(replica_config(o, listen)?)?;
     say(format!(
         "replica: listening on {listen}, target {} ({} bytes, {}), write cache: {}",
         o.path,
@@ -372,10 +424,10 @@ fn run_replica(o: &Opts) -> Result<u8, EngineError> {
         copy_text(o.copy),
         o.wait
     );
-    let report = engine.run_with(&mut |ev| {
-        if matches!(ev, Event::Connected) {
-            say(line.clone());
-        }
+    let report = engine.run_with(&mut |ev| match ev {
+        Event::Connected => say(line.clone()),
+        Event::Refused(why) => say(format!("replica: {why}")),
+        _ => {}
     })?;
     let code = match &report.end {
         ReplicaEnd::Fin => 0,

@@ -35,10 +35,16 @@ len=${DEMO_LEN:-8M}
 bin=target/debug/examples/replicator
 echo "== replicator: $len of $src -> $r0 and $r1 (p2pmem buffers, verify)"
 dd if=/dev/urandom of="$src" bs=1M count=16 oflag=direct status=none
-"$bin" replica --listen "$a1:7471" --target "$r0" --buffers p2p --timeout 60 & rep0=$!
-"$bin" replica --listen "$a1:7472" --target "$r1" --buffers p2p --timeout 60 & rep1=$!
-sleep 1
+# Who may write to the replicas: the primary's address, proving a shared secret.
+secret=/tmp/peerpipe-demo-secret
+head -c 32 /dev/urandom | base64 > "$secret"
+auth=(--allow-primary "$a0" --secret-file "$secret")
+# Each replica is awaited by its "listening" line, not by a sleep.
+await() { for _ in $(seq 600); do grep -q "listening on" "$1" 2>/dev/null && return; sleep 0.1; done; cat "$1"; exit 1; }
+"$bin" replica --listen "$a1:7471" --target "$r0" --buffers p2p --timeout 60 "${auth[@]}" 2> >(tee /tmp/rep0.log >&2) & rep0=$!
+"$bin" replica --listen "$a1:7472" --target "$r1" --buffers p2p --timeout 60 "${auth[@]}" 2> >(tee /tmp/rep1.log >&2) & rep1=$!
+await /tmp/rep0.log; await /tmp/rep1.log
 timeout 600 "$bin" primary --source "$src" --replica "$a1:7471" --replica "$a1:7472" \
-  --bind "$a0" --len "$len" --buffers p2p --verify --timeout 60
+  --bind "$a0" --len "$len" --buffers p2p --verify --timeout 60 --secret-file "$secret"
 wait "$rep0" "$rep1"
 echo "demo: ok"

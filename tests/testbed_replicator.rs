@@ -67,9 +67,31 @@ const REPLICA_EXIT_BOUND: Duration = Duration::from_secs(75);
 /// tests wait for the line itself, however fast the machine).
 const START_BOUND: Duration = Duration::from_secs(120);
 
-/// Starts `replicator replica` with `args` and returns once it prints that it listens.
+/// The shared secret every test primary and replica use (in the VM's writable /tmp).
+fn secret_file() -> String {
+    let p = std::env::temp_dir().join("peerpipe-test-secret");
+    if !p.exists() {
+        std::fs::write(&p, "testbed-secret-0123456789abcdef\n").expect("write secret");
+    }
+    p.to_str().expect("utf-8").to_string()
+}
+
+/// Starts `replicator replica` with `args` and returns once it prints that it listens. Unless
+/// `args` say who may connect, the test primary's address and the shared secret are allowed.
 fn replica_with(args: &[&str], what: &str) -> tb::Watched {
-    let mut c = tb::spawn_watched(Command::new(bin()).arg("replica").args(args), what);
+    let mut cmd = Command::new(bin());
+    cmd.arg("replica").args(args);
+    let says_who = args.iter().any(|a| {
+        matches!(
+            *a,
+            "--allow-primary" | "--secret-file" | "--insecure-any-primary"
+        )
+    });
+    if !says_who {
+        let (a0, _) = tb::addrs();
+        cmd.args(["--allow-primary", &a0, "--secret-file", &secret_file()]);
+    }
+    let mut c = tb::spawn_watched(&mut cmd, what);
     c.wait_line("replica: listening on", START_BOUND);
     c
 }
@@ -178,6 +200,9 @@ fn primary(src: &Path, replicas: &[&str], extra: &[&str], timeout: Duration) -> 
         .args(["--bind", &a0]);
     for r in replicas {
         cmd.args(["--replica", r]);
+    }
+    if !extra.contains(&"--secret-file") {
+        cmd.args(["--secret-file", &secret_file()]);
     }
     cmd.args(extra);
     tb::run(&mut cmd, timeout)
@@ -322,6 +347,57 @@ fn testbed_replicator_killed_replica_names_unreplicated_ranges() {
     );
 }
 
+/// One replica stalls (SIGSTOP: its QP stays up, but it answers nothing) mid-run: the primary
+/// fails that replica alone after --timeout, the healthy one receives the whole range, and the
+/// exit code and JSON name the stalled one.
+#[test]
+#[ignore = "skipped: no device (testbed test; run: cargo xtask test)"]
+fn testbed_replicator_stalled_replica_is_failed_alone() {
+    tb::require_testbed();
+    let (_, a1) = tb::addrs();
+    let (d2, d3) = (tb::drive("data2").block, tb::drive("data3").block);
+    let (r0, r1) = (format!("{a1}:7493"), format!("{a1}:7494"));
+    let k0 = replica(&r0, &d2, "host");
+    let k1 = replica(&r1, &d3, "host");
+    let mut p = fault_primary(&[&r0, &r1], &["--timeout", "5"]);
+    let acked = await_acked(&mut p, FAULT_AFTER);
+    let stop = |sig| {
+        // SAFETY: kill(2) on a child we spawned and have not reaped.
+        assert_eq!(unsafe { libc::kill(k1.id() as i32, sig) }, 0, "kill");
+    };
+    stop(libc::SIGSTOP);
+    let o = p.finish(Duration::from_secs(600));
+    stop(libc::SIGCONT);
+    let out = stdout(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{}", tb::text(&o));
+    assert!(out.contains("\"success\":false"), "{out}");
+    assert!(
+        err.contains("replica 1 (") && err.contains("stalled"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("replica 0 ("),
+        "the healthy replica was failed too: {err}"
+    );
+    assert!(out.contains("\"replica_errors\":[null,\""), "{out}");
+    let done = replicated_bytes(&out);
+    assert!(
+        done >= acked * 65536 && done < FAULT_BLOCKS * 65536,
+        "replicated {done} bytes, {acked} blocks acked at the stall"
+    );
+    let ro = k0.finish(Duration::from_secs(120));
+    assert!(ro.status.success(), "{}", tb::text(&ro));
+    assert_eq!(
+        blocks_written(&String::from_utf8_lossy(&ro.stderr)),
+        FAULT_BLOCKS,
+        "the healthy replica holds the whole range"
+    );
+    // The stalled replica, resumed, finds its primary gone and exits in order.
+    let r1o = k1.finish(REPLICA_EXIT_BOUND);
+    assert_eq!(r1o.status.code(), Some(3), "{}", tb::text(&r1o));
+}
+
 #[test]
 #[ignore = "skipped: no device (testbed test; run: cargo xtask test)"]
 fn testbed_replicator_rejects_malformed_message_from_crafted_peer() {
@@ -332,7 +408,18 @@ fn testbed_replicator_rejects_malformed_message_from_crafted_peer() {
     let (a0, a1) = tb::addrs();
     let dev = tb::drive("data2").block;
     let addr = format!("{a1}:7495");
-    let kid = replica(&addr, &dev, "host");
+    let kid = replica_with(
+        &[
+            "--listen",
+            &addr,
+            "--target",
+            dev.to_str().expect("utf-8 path"),
+            "--buffers",
+            "host",
+            "--insecure-any-primary",
+        ],
+        "replica",
+    );
     // The replica printed that it listens: one connect attempt is enough.
     let c = Connector::resolve(
         Some(a0.parse().unwrap()),
@@ -600,6 +687,153 @@ fn testbed_replicator_replica_exits_3_when_primary_is_killed() {
         wrote >= acked && wrote < FAULT_BLOCKS,
         "replica wrote {wrote} blocks, {acked} acked at the kill"
     );
+}
+
+/// Who may write to a replica: a primary without the secret, with another secret, or from an
+/// address not allowed is refused with a clear reason on both sides, and the replica goes on
+/// listening; then the rightful primary replicates through the same replica process.
+#[test]
+#[ignore = "skipped: no device (testbed test; run: cargo xtask test)"]
+fn testbed_replicator_refuses_unauthenticated_primaries() {
+    tb::require_testbed();
+    let (a0, a1) = tb::addrs();
+    let src = tb::drive("data1").block;
+    let dst = tb::drive("data2").block;
+    let addr = format!("{a1}:7503");
+    let mut kid = replica(&addr, &dst, "host");
+    let other = std::env::temp_dir().join("peerpipe-other-secret");
+    std::fs::write(&other, "another-secret-fedcba9876543210").unwrap();
+    let other = other.to_str().unwrap().to_string();
+    let try_primary = |bind: &str, secret: Option<&str>| {
+        let mut cmd = Command::new(bin());
+        cmd.args(["primary", "--source"]).arg(&src).args([
+            "--bind",
+            bind,
+            "--replica",
+            &addr,
+            "--len",
+            "1M",
+            "--buffers",
+            "host",
+            "--timeout",
+            "10",
+        ]);
+        if let Some(f) = secret {
+            cmd.args(["--secret-file", f]);
+        }
+        tb::run(&mut cmd, Duration::from_secs(120))
+    };
+    for (bind, secret, primary_says, replica_says) in [
+        (
+            a0.as_str(),
+            None,
+            "requires a proof of its shared secret",
+            "offered no proof",
+        ),
+        (
+            a0.as_str(),
+            Some(other.as_str()),
+            "proof of the shared secret is wrong",
+            "hung up on",
+        ),
+        (
+            a1.as_str(),
+            Some(secret_file().as_str()),
+            "does not allow this primary's address",
+            "not an allowed primary",
+        ),
+    ] {
+        let o = try_primary(bind, secret);
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "{bind} {secret:?}: {}",
+            tb::text(&o)
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(primary_says), "{bind} {secret:?}: {err}");
+        kid.wait_line(replica_says, Duration::from_secs(60));
+    }
+    // The replica is still listening: the rightful primary gets through.
+    let o = try_primary(&a0, Some(&secret_file()));
+    assert!(o.status.success(), "{}", tb::text(&o));
+    let ro = kid.finish(Duration::from_secs(60));
+    assert!(ro.status.success(), "{}", tb::text(&ro));
+}
+
+/// A replica bounds what it accepts (--offset/--len): a hello outside is refused before
+/// anything is written.
+#[test]
+#[ignore = "skipped: no device (testbed test; run: cargo xtask test)"]
+fn testbed_replicator_refuses_a_range_outside_its_bounds() {
+    tb::require_testbed();
+    let (_, a1) = tb::addrs();
+    let src = tb::drive("data1").block;
+    let dst = tb::drive("data2").block;
+    fill_random(&src, 2);
+    zero(&dst, 4);
+    let addr = format!("{a1}:7504");
+    let kid = replica_with(
+        &[
+            "--listen",
+            &addr,
+            "--target",
+            dst.to_str().unwrap(),
+            "--buffers",
+            "host",
+            "--offset",
+            "2M",
+            "--len",
+            "1M",
+        ],
+        "bounded replica",
+    );
+    let o = primary(
+        &src,
+        &[&addr],
+        &["--len", "1M", "--buffers", "host", "--timeout", "10"],
+        Duration::from_secs(120),
+    );
+    let ro = kid.finish(Duration::from_secs(60));
+    assert_eq!(o.status.code(), Some(1), "{}", tb::text(&o));
+    assert_eq!(ro.status.code(), Some(2), "{}", tb::text(&ro));
+    let rerr = String::from_utf8_lossy(&ro.stderr);
+    assert!(
+        rerr.contains("outside the range this replica accepts"),
+        "{rerr}"
+    );
+    assert!(
+        read_range(&dst, 0, 4 << 20).iter().all(|&b| b == 0),
+        "bytes were written"
+    );
+}
+
+/// A block device that is in use (here: held open O_EXCL by the test, as a mount would) is
+/// refused as a replica target with a clear error.
+#[test]
+#[ignore = "skipped: no device (testbed test; run: cargo xtask test)"]
+fn testbed_replicator_refuses_a_claimed_block_device() {
+    use std::os::unix::fs::OpenOptionsExt;
+    tb::require_testbed();
+    let (_, a1) = tb::addrs();
+    let d = tb::drive("data3");
+    let _claim = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL)
+        .open(&d.block)
+        .expect("claim the block device");
+    for target in [&d.block, &d.ng] {
+        let o = tb::run(
+            Command::new(bin())
+                .args(["replica", "--listen", &format!("{a1}:7505"), "--target"])
+                .arg(target)
+                .args(["--buffers", "host", "--insecure-any-primary"]),
+            Duration::from_secs(60),
+        );
+        assert_eq!(o.status.code(), Some(2), "{}", tb::text(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("is in use"), "{}: {err}", target.display());
+    }
 }
 
 /// Host test (no device): `--help` documents the exit codes scripts rely on.

@@ -93,6 +93,9 @@ fn block_write_cache(rdev: u64) -> WriteCache {
 /// An open drive with its ring (the ring holds its own duplicate of the fd).
 pub(crate) struct Drive {
     pub(crate) ring: Ring<DriveBuf>,
+    /// A writable target's block device held open with O_EXCL for the run (for a passthrough
+    /// namespace: its block device), so nothing mounts or claims it meanwhile.
+    _claim: Option<std::fs::File>,
     pub(crate) t: TargetId,
     pub(crate) capacity: u64,
     pub(crate) lba: u32,
@@ -128,6 +131,15 @@ impl Drive {
                     format!("{} opened read-only: run as root", path.display()),
                 ));
             }
+            // The namespace's block device, claimed so it cannot be mounted under us.
+            let claim = if write {
+                Some(claim_exclusive(
+                    &Path::new("/dev").join(ns.block_name()),
+                    path,
+                )?)
+            } else {
+                None
+            };
             let t = ring
                 .add_namespace(&ns)
                 .map_err(|e| EngineError::ring("add namespace", e))?;
@@ -137,6 +149,7 @@ impl Drive {
                 source: format!("Identify Controller VWC of {}", ns.block_name()),
             };
             return Ok(Drive {
+                _claim: claim,
                 capacity: info.capacity(),
                 lba: info.lba_size(),
                 backend: Backend::Passthrough,
@@ -145,15 +158,20 @@ impl Drive {
                 ring,
             });
         }
-        let file = FileTarget::open(
-            path,
-            FileOptions {
-                write,
-                create: false,
-                direct: true,
-            },
-        )
-        .map_err(open_err)?;
+        let file = if write && meta.file_type().is_block_device() {
+            // O_EXCL on a block device: refused while it is mounted or claimed elsewhere.
+            FileTarget::from_file(claim_exclusive(path, path)?, true).map_err(open_err)?
+        } else {
+            FileTarget::open(
+                path,
+                FileOptions {
+                    write,
+                    create: false,
+                    direct: true,
+                },
+            )
+            .map_err(open_err)?
+        };
         let t = ring
             .add_file(&file)
             .map_err(|e| EngineError::ring("add file", e))?;
@@ -169,6 +187,7 @@ impl Drive {
             )
         };
         Ok(Drive {
+            _claim: None,
             capacity: file.size(),
             lba: file.offset_align().max(512),
             backend,
@@ -177,4 +196,31 @@ impl Drive {
             ring,
         })
     }
+}
+
+/// Opens block device `dev` read-write with O_DIRECT | O_EXCL (the kernel refuses with EBUSY
+/// while it is mounted, part of an md/dm device, or opened exclusively by anyone else).
+///
+/// # Errors
+/// [`EngineError::InUse`] for EBUSY, else [`EngineError::Open`] naming `path`.
+fn claim_exclusive(dev: &Path, path: &Path) -> Result<std::fs::File, EngineError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT | libc::O_EXCL)
+        .open(dev)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::EBUSY) {
+                EngineError::InUse {
+                    path: path.to_path_buf(),
+                    device: dev.to_path_buf(),
+                }
+            } else {
+                EngineError::Open {
+                    path: path.to_path_buf(),
+                    source: Box::new(crate::uring::Error::from_io("open O_EXCL", &e)),
+                }
+            }
+        })
 }

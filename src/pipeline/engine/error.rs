@@ -37,6 +37,15 @@ pub enum EngineError {
         #[source]
         source: Box<crate::uring::Error>,
     },
+    /// A writable target's block device is mounted or claimed by something else (EBUSY on
+    /// an O_EXCL open): writing under a file system would corrupt it.
+    #[error("{}: {} is in use (mounted, or claimed by another program); refusing to write to it", path.display(), device.display())]
+    InUse {
+        /// The path given.
+        path: PathBuf,
+        /// The block device that is in use.
+        device: PathBuf,
+    },
     /// An io_uring operation failed as a whole (setup, submission, or waiting).
     #[error("io_uring {op}: {source}")]
     Ring {
@@ -80,6 +89,28 @@ pub enum EngineError {
         /// The rdma_cm error.
         #[source]
         source: Box<crate::rdma::Error>,
+    },
+    /// A replica refused this primary, or failed to prove the shared secret.
+    #[error("replica {replica} ({addr}): {reason}")]
+    Refused {
+        /// Index of the replica (command-line order).
+        replica: usize,
+        /// Its address.
+        addr: SocketAddr,
+        /// Why (the replica's stated reason, or the failed proof).
+        reason: String,
+    },
+    /// The primary's hello asked for a range outside what this replica accepts.
+    #[error("the primary asked for bytes {start}..{end}, outside the range this replica accepts ({allowed_start}..{allowed_end})")]
+    RangeRefused {
+        /// First byte asked for.
+        start: u64,
+        /// End (exclusive) asked for.
+        end: u64,
+        /// First byte accepted.
+        allowed_start: u64,
+        /// End (exclusive) accepted.
+        allowed_end: u64,
     },
     /// No primary connected to the replica in time.
     #[error("waiting for the primary: {0}")]

@@ -13,6 +13,7 @@ use crate::rdma::{
     Connector, Context, MemoryRegion, ProtectionDomain, QpCaps, QpInit, RecvRequest, SendRequest,
 };
 
+use super::auth::{self, Secret};
 use super::slots::Slots;
 use super::{EngineError, WaitMode};
 
@@ -38,8 +39,9 @@ fn caps() -> QpCaps {
     }
 }
 
-fn params(timeout: Duration) -> ConnParams {
+fn params(timeout: Duration, private_data: Vec<u8>) -> ConnParams {
     ConnParams {
+        private_data,
         // 7 = retry forever on receiver-not-ready: a peer busy writing is not an error.
         rnr_retry_count: 7,
         retry_count: 7,
@@ -116,6 +118,11 @@ impl Link {
     /// # Errors
     /// [`EngineError::Connect`] (resolve/connect failures and rejections after the timeout),
     /// [`EngineError::Rdma`] for the verbs resources.
+    ///
+    /// With a `secret`, the replica must prove it in its accept data, and the link's first
+    /// message proves it to the replica (see [`auth`]); a replica that refuses this primary
+    /// (by address or for want of a proof) ends the attempt at once with
+    /// [`EngineError::Refused`].
     pub(crate) fn connect(
         r: usize,
         bind: Option<IpAddr>,
@@ -123,6 +130,7 @@ impl Link {
         timeout: Duration,
         wait: WaitMode,
         slots: &Slots,
+        secret: Option<&Secret>,
     ) -> Result<Link, EngineError> {
         let give_up = Instant::now() + timeout;
         loop {
@@ -132,13 +140,38 @@ impl Link {
                 op,
                 source: Box::new(source),
             };
+            let refused = |reason: String| EngineError::Refused {
+                replica: r,
+                addr: dst,
+                reason,
+            };
             let c = Connector::resolve(bind, dst, timeout).map_err(|e| err("resolve", e))?;
             let (pd, cq, recv) = resources(c.context(), wait)?;
             // SAFETY: the regions live in the Link, which the engine drops before its slots.
             let mrs = unsafe { slots.register(&pd, Access::local_read().local_write())? };
             let init = QpInit::new(&pd, &cq).caps(caps());
-            match c.connect_with(&init, &params(timeout), |qp| post_all_recvs(qp, &recv)) {
-                Ok(conn) => return Ok(Link::established(conn, cq, recv, mrs, pd)),
+            let nonce_p = auth::nonce()?;
+            let pd_out = secret.map_or(Vec::new(), |_| auth::request(&nonce_p));
+            match c.connect_with(&init, &params(timeout, pd_out), |qp| {
+                post_all_recvs(qp, &recv)
+            }) {
+                Ok(conn) => {
+                    let link = Link::established(conn, cq, recv, mrs, pd);
+                    if let Some(s) = secret {
+                        let proof = auth::primary_proof(s, &nonce_p, link.conn.peer_private_data())
+                            .map_err(|why| refused(why.to_string()))?;
+                        link.queue(SendRequest::send_inline(WR_SEND, &proof));
+                        link.flush()
+                            .map_err(|e| EngineError::rdma("sending the proof of the secret", e))?;
+                    }
+                    return Ok(link);
+                }
+                Err(rdma::Error::Rejected { private_data, .. })
+                    if auth::reject_reason(&private_data).is_some() =>
+                {
+                    let why = auth::reject_reason(&private_data).unwrap_or_default();
+                    return Err(refused(why.to_string()));
+                }
                 Err(rdma::Error::Rejected { .. }) if Instant::now() < give_up => {
                     std::thread::sleep(Duration::from_millis(500));
                 }
@@ -157,13 +190,16 @@ impl Link {
         timeout: Duration,
         wait: WaitMode,
         slots: &Slots,
+        private_data: Vec<u8>,
     ) -> Result<Link, EngineError> {
         let (pd, cq, recv) = resources(req.context(), wait)?;
         // SAFETY: the regions live in the Link, which the engine drops before its slots.
         let mrs = unsafe { slots.register(&pd, Access::local_read().local_write().mw_bind())? };
         let init = QpInit::new(&pd, &cq).caps(caps());
         let conn = req
-            .accept_with(&init, &params(timeout), |qp| post_all_recvs(qp, &recv))
+            .accept_with(&init, &params(timeout, private_data), |qp| {
+                post_all_recvs(qp, &recv)
+            })
             .map_err(|e| EngineError::rdma("accept", e))?;
         Ok(Link::established(conn, cq, recv, mrs, pd))
     }
@@ -241,5 +277,37 @@ impl Link {
         self.recv.read_at(i * MSG_LEN, &mut b)?;
         self.conn.post_recv(&[recv_wr(&self.recv, i)?])?;
         Ok(b)
+    }
+}
+
+impl Link {
+    /// Waits up to `timeout` for the first received message and returns its bytes (the
+    /// primary's proof of the secret, before anything else is read).
+    ///
+    /// # Errors
+    /// A description: nothing arrived, a failed completion, or a verbs error.
+    pub(crate) fn first_message(&self, timeout: Duration) -> Result<[u8; MSG_LEN], String> {
+        let end = Instant::now() + timeout;
+        let mut wcs = [rdma::EMPTY_COMPLETION; 4];
+        loop {
+            let got = self.cq.poll(&mut wcs).map_err(|e| e.to_string())?;
+            for wc in &wcs[..got] {
+                if wc.status != rdma::WcStatus::Success {
+                    return Err(format!(
+                        "{:?} completion failed: {:?}",
+                        wc.opcode, wc.status
+                    ));
+                }
+                if wc.wr_id & WR_MASK == WR_RECV {
+                    return self.take_recv(wc.wr_id).map_err(|e| e.to_string());
+                }
+            }
+            if Instant::now() > end {
+                return Err(format!("no proof of the shared secret within {timeout:?}"));
+            }
+            if got == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
     }
 }

@@ -27,6 +27,7 @@
 //! # Ok(()) }
 //! ```
 
+mod auth;
 mod drive;
 mod error;
 mod link;
@@ -42,6 +43,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+pub use auth::{ReplicaAccess, Secret, MIN_SECRET_LEN};
 pub use drive::{write_cache_from_sysfs, Backend, WriteCache};
 pub use error::EngineError;
 pub use primary::{PrimaryEngine, PrimaryReport};
@@ -190,6 +192,7 @@ pub struct PrimaryConfig {
     wait: WaitMode,
     rate: Option<u64>,
     progress_every: Duration,
+    secret: Option<Secret>,
 }
 
 impl PrimaryConfig {
@@ -212,6 +215,7 @@ impl PrimaryConfig {
             wait: WaitMode::Events,
             rate: None,
             progress_every: Duration::from_secs(1),
+            secret: None,
         }
     }
     /// Adds a replica (its `--listen` address).
@@ -276,6 +280,12 @@ impl PrimaryConfig {
         self.rate = bytes_per_sec;
         self
     }
+    /// The secret shared with the replicas: proved to each (and each replica's proof
+    /// checked) in the connection setup; see [`ReplicaAccess`].
+    pub fn secret(mut self, secret: Option<Secret>) -> Self {
+        self.secret = secret;
+        self
+    }
     /// How often [`Event::Progress`] is reported (default 1 s).
     pub fn progress_every(mut self, every: Duration) -> Self {
         self.progress_every = every;
@@ -328,6 +338,8 @@ pub struct ReplicaConfig {
     timeout: Duration,
     accept_timeout: Duration,
     wait: WaitMode,
+    access: ReplicaAccess,
+    bounds: (u64, Option<u64>),
 }
 
 impl ReplicaConfig {
@@ -344,7 +356,21 @@ impl ReplicaConfig {
             timeout: Duration::from_secs(20),
             accept_timeout: Duration::from_secs(120),
             wait: WaitMode::Events,
+            access: ReplicaAccess::default(),
+            bounds: (0, None),
         }
+    }
+    /// Who may be this replica's primary (default: anyone who connects first; see
+    /// [`ReplicaAccess`]).
+    pub fn access(mut self, access: ReplicaAccess) -> Self {
+        self.access = access;
+        self
+    }
+    /// The byte range a primary may write: `len` bytes from `offset` (`None`: to the end of
+    /// the target). A hello outside it is refused. Default: the whole target.
+    pub fn bounds(mut self, offset: u64, len: Option<u64>) -> Self {
+        self.bounds = (offset, len);
+        self
     }
     /// The largest block accepted (buffer size).
     pub fn block_size(mut self, bytes: u64) -> Self {
@@ -416,9 +442,13 @@ impl ReplicaConfig {
 
 /// What an engine tells its observer while it runs.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub enum Event {
     /// Every connection is up (the primary: to all replicas; a replica: from its primary).
     Connected,
+    /// A replica refused a connection (an address not allowed, no or a wrong proof of the
+    /// shared secret) and goes on listening.
+    Refused(String),
     /// On the primary, once per progress interval (1 s unless
     /// [`PrimaryConfig::progress_every`] says otherwise): blocks and bytes acked by every
     /// replica so far.

@@ -1,13 +1,13 @@
 //! The primary's engine: reads blocks from the source into pool buffers, RDMA-writes each
 //! buffer to every replica, and collects the acks (the I/O side of [`PrimaryCore`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::pipeline::{
-    crc32c, CopyMeter, Layout, Outcome, Percentiles, PrimaryAction, PrimaryCore,
+    crc32c, BlockState, CopyMeter, Layout, Outcome, Percentiles, PrimaryAction, PrimaryCore,
 };
-use crate::protocol::MSG_LEN;
+use crate::protocol::{Message, MSG_LEN};
 use crate::rdma::{self, SendOp, SendRequest, WcOpcode, WcStatus};
 
 use super::drive::{Backend, Drive};
@@ -145,6 +145,7 @@ impl PrimaryEngine {
                 cfg.timeout,
                 cfg.wait,
                 &self.slots,
+                cfg.secret.as_ref(),
             )?);
         }
         observe(Event::Connected);
@@ -187,6 +188,16 @@ impl PrimaryEngine {
         let mut wcs = vec![rdma::EMPTY_COMPLETION; 64];
         let mut last_progress = Instant::now();
         let mut last_report = Instant::now();
+        // Per replica: since when it has owed us an answer (an ack, a buffer) without a word.
+        // A replica that owes nothing is never stalled: with the shared window, a healthy
+        // replica waiting behind a stalled one is quiet too, and must not be failed with it.
+        let mut quiet_since = vec![Instant::now(); n];
+        // Per replica: blocks it advertised a buffer for and blocks written to it, not yet
+        // acked (the core decides; these only say whom the run waits for).
+        let mut advertised: Vec<HashSet<u64>> = vec![HashSet::new(); n];
+        let mut unacked: Vec<HashSet<u64>> = vec![HashSet::new(); n];
+        // Blocks whose source read completed and that are not released yet.
+        let mut read_done: HashSet<u64> = HashSet::new();
         let mut pacer = Pacer::new(cfg.rate, t0);
         // Reads the pacer holds back, in order; they go once it says they are due.
         let mut paced: VecDeque<PrimaryAction> = VecDeque::new();
@@ -238,6 +249,8 @@ impl PrimaryEngine {
                         seq,
                         remote,
                     } => {
+                        advertised[replica].remove(&seq);
+                        unacked[replica].insert(seq);
                         let s = *slot_of
                             .get(&seq)
                             .ok_or(EngineError::Internal("write of a block without a slot"))?;
@@ -265,6 +278,7 @@ impl PrimaryEngine {
                         }
                     }
                     PrimaryAction::Release { seq } => {
+                        read_done.remove(&seq);
                         if let Some(s) = slot_of.remove(&seq) {
                             free.push(s);
                         }
@@ -323,6 +337,9 @@ impl PrimaryEngine {
                     Ok(got) => Err(format!("short read: {got} of {want} bytes")),
                     Err(e) => Err(e.to_string()),
                 };
+                if res.is_ok() {
+                    read_done.insert(seq);
+                }
                 core.on_read_done(seq, res, &mut out);
             }
             actions.extend(out.drain(..));
@@ -338,6 +355,7 @@ impl PrimaryEngine {
                         .map_err(|e| EngineError::rdma("polling a completion queue", e))?;
                     for wc in &wcs[..got] {
                         busy = true;
+                        quiet_since[r] = Instant::now();
                         if wc.status != WcStatus::Success {
                             let why = format!(
                                 "{:?} completion failed: {:?} (the replica died or the link is down)",
@@ -356,11 +374,15 @@ impl PrimaryEngine {
                             }
                             WR_RECV if wc.opcode == WcOpcode::Recv => {
                                 match links[r].take_recv(wc.wr_id) {
-                                    Ok(b) => core.on_message(
-                                        r,
-                                        &b[..wc.byte_len.min(MSG_LEN as u32) as usize],
-                                        &mut out,
-                                    ),
+                                    Ok(b) => {
+                                        let m = &b[..wc.byte_len.min(MSG_LEN as u32) as usize];
+                                        if let Ok(Message::BufferReady { seq, .. }) =
+                                            Message::decode(m)
+                                        {
+                                            advertised[r].insert(seq);
+                                        }
+                                        core.on_message(r, m, &mut out)
+                                    }
                                     Err(e) => core.on_replica_lost(
                                         r,
                                         format!("receiving a message: {e}"),
@@ -382,17 +404,51 @@ impl PrimaryEngine {
                     }
                 }
             }
+            // A replica that owes an answer for longer than the timeout is failed alone; the
+            // others go on.
+            let now = Instant::now();
+            for r in 0..n {
+                if !links[r].alive || !core.is_alive(r) {
+                    continue;
+                }
+                // Acks it owes for blocks written to it...
+                unacked[r].retain(|&seq| core.state(seq, r) == Some(BlockState::Sent));
+                // ...and buffers for blocks read and waiting to be sent.
+                let owes = !unacked[r].is_empty()
+                    || read_done.iter().any(|&seq| {
+                        core.state(seq, r) == Some(BlockState::Pending)
+                            && !advertised[r].contains(&seq)
+                    });
+                if !owes {
+                    quiet_since[r] = now;
+                } else if now.duration_since(quiet_since[r]) > cfg.timeout {
+                    busy = true;
+                    core.on_replica_lost(
+                        r,
+                        format!(
+                            "no answer for {:?} while blocks waited on it: the replica or its link stalled",
+                            cfg.timeout
+                        ),
+                        &mut out,
+                    );
+                }
+            }
             actions.extend(out.drain(..));
             if busy {
                 last_progress = Instant::now();
                 waiter.busy();
             } else if actions.is_empty() && !core.is_finished() {
-                // Reads held by the pacer are this side's choice, not a stalled replica.
+                // Nothing moved and no replica owes an answer (those are failed above, one by
+                // one): the source is stuck, and the run cannot finish. Reads held by the pacer
+                // are this side's choice, not a stall.
                 if last_progress.elapsed() > cfg.timeout && paced.is_empty() {
                     for r in 0..n {
                         core.on_replica_lost(
                             r,
-                            format!("no progress for {:?}: replica or link stalled", cfg.timeout),
+                            format!(
+                                "no progress for {:?} with no replica owing an answer: the source stalled",
+                                cfg.timeout
+                            ),
                             &mut out,
                         );
                     }

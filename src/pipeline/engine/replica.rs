@@ -11,6 +11,7 @@ use crate::rdma::{
     self, Listener, MemoryWindow, SendOp, SendRequest, WcOpcode, WcStatus, WindowAccess,
 };
 
+use super::auth::Verdict;
 use super::drive::{Backend, Drive, WriteCache};
 use super::link::{Link, WR_BIND, WR_INV, WR_MASK, WR_RECV};
 use super::slots::{BufferInfo, DriveBuf, Slots};
@@ -132,14 +133,49 @@ impl ReplicaEngine {
         observe: &mut dyn FnMut(Event),
     ) -> Result<ReplicaReport, EngineError> {
         let deadline = Instant::now() + self.cfg.accept_timeout;
-        let req = loop {
-            match self.listener.get_request(Duration::from_secs(1)) {
-                Ok(r) => break r,
+        // Connections that are refused (address, proof) do not end the wait for the primary.
+        let link = loop {
+            let req = match self.listener.get_request(Duration::from_secs(1)) {
+                Ok(r) => r,
                 Err(rdma::Error::Timeout { .. }) if Instant::now() < deadline => continue,
                 Err(e) => return Err(EngineError::NoPrimary(Box::new(e))),
+            };
+            let peer = req.peer_addr().map(|a| a.ip());
+            let (private_data, expect) = match self.cfg.access.judge(peer, req.private_data())? {
+                Verdict::Reject { private_data, why } => {
+                    let _ = req.reject(&private_data);
+                    observe(Event::Refused(why));
+                    continue;
+                }
+                Verdict::Accept {
+                    private_data,
+                    expect,
+                } => (private_data, expect),
+            };
+            let link = Link::accept(
+                req,
+                self.cfg.timeout,
+                self.cfg.wait,
+                &self.slots,
+                private_data,
+            )?;
+            if let Some(expect) = expect {
+                let checked = link.first_message(self.cfg.timeout).and_then(|m| {
+                    if self.cfg.access.check_proof(&expect, &m) {
+                        Ok(())
+                    } else {
+                        Err("a wrong proof of the shared secret".to_string())
+                    }
+                });
+                if let Err(why) = checked {
+                    let who = peer.map_or("?".to_string(), |p| p.to_string());
+                    observe(Event::Refused(format!("hung up on {who}: {why}")));
+                    let _ = link.conn.disconnect(Duration::from_millis(500));
+                    continue;
+                }
             }
+            break link;
         };
-        let link = Link::accept(req, self.cfg.timeout, self.cfg.wait, &self.slots)?;
         let mws = (0..self.slots.len())
             .map(|_| MemoryWindow::alloc(&link.pd))
             .collect::<rdma::Result<Vec<_>>>()
@@ -179,6 +215,13 @@ impl ReplicaEngine {
         let flush = drive.cache.volatile;
         let meter = CopyMeter::new();
         let mut core = ReplicaCore::new(drive.capacity, slots.len());
+        let allowed = {
+            let (off, len) = cfg.bounds;
+            let end = len.map_or(drive.capacity, |l| {
+                off.saturating_add(l).min(drive.capacity)
+            });
+            (off, end)
+        };
         let mut out = Vec::new();
         let mut actions: VecDeque<ReplicaAction> = VecDeque::new();
         let mut pending_write: HashMap<usize, (u64, u64, u32)> = HashMap::new();
@@ -300,7 +343,31 @@ impl ReplicaEngine {
                                 .take_recv(wc.wr_id)
                                 .map_err(|e| EngineError::rdma("receiving a message", e))?;
                             let bytes = &b[..wc.byte_len.min(MSG_LEN as u32) as usize];
-                            if let Err(e) = core.on_message(bytes, &mut out) {
+                            let had_layout = core.layout().is_some();
+                            let res = core.on_message(bytes, &mut out);
+                            if let (Ok(()), false, Some(l)) = (&res, had_layout, core.layout()) {
+                                // The hello: its range must lie within what this replica
+                                // accepts. Nothing it asked for has been done yet.
+                                let (start, end) = (l.offset(), l.offset() + l.len());
+                                let (a, b) = allowed;
+                                if start < a || end > b {
+                                    out.clear();
+                                    let m = Message::Abort {
+                                        status: Status::Refused(2),
+                                        seq: 0,
+                                    };
+                                    let _ = link.send(&m);
+                                    std::thread::sleep(Duration::from_millis(100));
+                                    let _ = link.conn.disconnect(Duration::from_millis(500));
+                                    return Err(EngineError::RangeRefused {
+                                        start,
+                                        end,
+                                        allowed_start: a,
+                                        allowed_end: b,
+                                    });
+                                }
+                            }
+                            if let Err(e) = res {
                                 if !matches!(e, ProtocolError::PeerAborted { .. }) {
                                     let _ = link.send(&ReplicaCore::abort_for(&e));
                                 }
