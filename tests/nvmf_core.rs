@@ -128,6 +128,11 @@ fn linux_host_bring_up_io_and_shutdown() {
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 4, "every NGUID/UUID is unique");
+    // The NVM command set's controller structure (no extra limits), CSI 0 only.
+    assert!(h.identify(6, 0).iter().all(|&b| b == 0));
+    let cid = h.next_cid();
+    let csi2 = identify(cid, 6, 0).cdw(11, 2 << 24);
+    assert_eq!(status(h.admin(csi2)), Status::INVALID_FIELD.with_dnr());
 
     // 8. I/O on queue 1: a read by RDMA WRITE, an in-capsule write, a keyed write, flush.
     let q = &mut queues[0];
@@ -181,8 +186,16 @@ fn linux_host_bring_up_io_and_shutdown() {
 
     let a = q.on_command(&rw(0x01, 12, 1, 0, 255).keyed(128 * 1024).cmd(), &[], h.now);
     assert!(matches!(a, Action::Io(ref io) if io.op == IoOp::Write { offset: 0, len: 131072 }));
+    assert!(matches!(a, Action::Io(ref io) if !io.fua));
     assert_eq!(q.on_io_done(12, Ok(())).status, Status::SUCCESS);
 
+    // Force Unit Access (cdw12 bit 30) is passed on for writes.
+    let fua = rw(0x01, 15, 1, 64, 7).cdw(12, 7 | (1 << 30)).keyed(4096);
+    let a = q.on_command(&fua.cmd(), &[], h.now);
+    assert!(
+        matches!(a, Action::Io(ref io) if io.fua && io.op == IoOp::Write { offset: 32768, len: 4096 })
+    );
+    assert_eq!(q.on_io_done(15, Ok(())).status, Status::SUCCESS);
     let a = q.on_command(&Sqe::new(0x00, 13).nsid(1).cmd(), &[], h.now);
     assert!(matches!(a, Action::Io(ref io) if io.op == IoOp::Flush && io.nsid == 1));
     assert_eq!(q.on_io_done(13, Ok(())).status, Status::SUCCESS);
@@ -193,8 +206,11 @@ fn linux_host_bring_up_io_and_shutdown() {
     );
 
     let st = core.stats();
-    assert_eq!((st.read_cmds, st.write_cmds), (1, 2));
-    assert_eq!((st.bytes_read, st.bytes_written), (4096, 4096 + 131072));
+    assert_eq!((st.read_cmds, st.write_cmds), (1, 3));
+    assert_eq!(
+        (st.bytes_read, st.bytes_written),
+        (4096, 4096 + 131072 + 4096)
+    );
     assert_eq!(st.controllers, 1);
 
     // Shutdown: CC.SHN normal -> CSTS.SHST complete.

@@ -37,16 +37,37 @@
 //!
 //! # What the Linux 6.12 host expects (and the core provides)
 //!
-//! Connect on qid 0 with 1024 bytes of Connect data fetched by RDMA READ, the cntlid in the
-//! result; Property Get CAP (MQES, CQR, TO, CSS NVM, MPSMIN 0), Set CC (EN -> CSTS.RDY), VS
-//! 1.3; Identify Controller with the Connect cntlid, KAS != 0, IOCCSZ >= 4, IORCSZ 1, SGLS
-//! keyed (bit 2) and offset (bit 20), ICDOFF 0; Set Features Number of Queues (the grant is
-//! enforced at I/O-queue Connect; until the host sets it the grant is `max_io_queues`); I/O
-//! queue Connect naming the cntlid; Keep Alive (any command refreshes the timer); Identify
-//! CNS 2/3/0 (CNS 3 is mandatory at VS 1.3: NGUID + UUID descriptors, derived stably from
-//! the subsystem NQN and nsid, never copied from the backing drive); Read/Write/Flush/Write
-//! Zeroes/DSM; CC.SHN -> CSTS.SHST complete. Discovery (`nqn.2014-08.org.nvmexpress.discovery`)
-//! serves Identify (CNTRLTYPE 2) and Get Log Page 0x70 honouring offset and length.
+//! - Connect on qid 0 with 1024 bytes of Connect data fetched by RDMA READ; the new
+//!   controller's cntlid in result bits 15:0; KATO from cdw12 (0: no keep-alive).
+//! - Property Get CAP (MQES = `queue_depth_max - 1`, CQR, TO 7.5 s, CSS NVM without the
+//!   CSI bit, MPSMIN 0), Set CC (EN -> CSTS.RDY, or CSTS.CFS for queue entry sizes other
+//!   than 64/16), VS 1.3, and at shutdown CC.SHN -> CSTS.SHST complete.
+//! - Identify Controller: the Connect cntlid, KAS 10 (1 s), IOCCSZ (64 + inline) / 16,
+//!   IORCSZ 1, SGLS keyed (bit 2) and offset (bit 20), ICDOFF 0, MSDBD 1, MDTS, NN, ONCS
+//!   and VWC from the namespaces, CMIC multi-controller, CNTRLTYPE 1 (2 for discovery).
+//! - Set Features Number of Queues: grants min(requested, `max_io_queues`); the grant is
+//!   enforced at I/O-queue Connect (until the host sets it, the grant is `max_io_queues`).
+//! - I/O queue Connect naming the cntlid (connect data, and the rdma_cm private data in
+//!   6.12), the same host NQN / host id / subsystem NQN, a qid within the grant.
+//! - Keep Alive every KATO / 2; any command refreshes the timer here.
+//! - Scan: Identify CNS 2, CNS 3 (mandatory at VS 1.3: NGUID + UUID descriptors, derived
+//!   stably from the subsystem NQN and nsid, never copied from the backing drive), CNS 0;
+//!   CNS 6 with CSI 0 (the NVM controller structure: all zero, no limits beyond MDTS).
+//! - Read / Write (FUA passed on) / Flush / Write Zeroes / DSM deallocate.
+//! - Discovery (`nqn.2014-08.org.nvmexpress.discovery`): Identify (CNTRLTYPE 2) and Get Log
+//!   Page 0x70 honouring offset and length, listing only subsystems the host may use.
+//!
+//! # What the core decides on bad input
+//!
+//! Every refusal is an NVMe status with DNR (except Namespace Not Ready from `EAGAIN` /
+//! `EBUSY`): commands before Connect or before CC.EN -> Command Sequence Error; unknown
+//! opcodes, admin opcodes on I/O queues and I/O opcodes on the admin queue -> Invalid
+//! Opcode; an SGL that is neither keyed nor offset (or PSDT != 01b) -> SGL Descriptor Type
+//! Invalid; a length that differs from the command's -> Data SGL Length Invalid; in-capsule
+//! data past the inline size -> SGL Offset Invalid; an unknown nsid -> Invalid Namespace;
+//! blocks past the end -> LBA Out of Range; more than MDTS -> Invalid Field; Connect errors
+//! -> Connect Invalid Parameters / Invalid Host with IATTR/IPO in the result, as nvmet
+//! reports them. A malformed rdma_cm request is rejected before any queue exists.
 //!
 //! # Notes for the transport (changes against the first published contract)
 //!
@@ -56,6 +77,9 @@
 //! - [`TargetCore::admit`] checks the connect request against the listener limits;
 //!   [`TargetCore::inline_data_size`] sizes I/O receive buffers (64 + inline bytes).
 //! - `on_io_done` takes a positive errno (a negative one is accepted too).
+//! - [`IoCommand::fua`]: a Write with Force Unit Access must be durable at completion.
+//! - [`TargetConfig::listen`] is also what discovery log entries advertise (TRADDR,
+//!   TRSVCID): listen on a concrete address, not `0.0.0.0`, when serving discovery.
 
 pub mod backend;
 pub mod config;

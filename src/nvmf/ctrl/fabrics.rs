@@ -184,6 +184,7 @@ pub(crate) fn on_connect_data(
                 queues_granted: granted,
                 io_qids: BTreeSet::new(),
                 aec: 0,
+                expired: false,
             },
         );
         s.counters.controllers_created += 1;

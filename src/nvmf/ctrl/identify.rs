@@ -1,5 +1,6 @@
 //! Identify: controller (CNS 1), namespace (CNS 0), active namespace list (CNS 2) and
-//! namespace identification descriptors (CNS 3). Every structure is 4096 bytes.
+//! namespace identification descriptors (CNS 3), and the NVM command set's controller
+//! structure (CNS 6, CSI 0). Every structure is 4096 bytes.
 
 use super::admin::{return_data, AERL};
 use super::fabrics::VERSION;
@@ -18,6 +19,7 @@ mod cns {
     pub const CONTROLLER: u8 = 0x01;
     pub const ACTIVE_NS_LIST: u8 = 0x02;
     pub const NS_DESCRIPTORS: u8 = 0x03;
+    pub const CSI_CONTROLLER: u8 = 0x06;
 }
 
 /// Keep Alive granularity reported (KAS, 100 ms units): 1 s.
@@ -66,6 +68,9 @@ pub(crate) fn identify(q: &mut QueueCore, cntlid: u16, cmd: &Command) -> Action 
             .map(namespace)
             .ok_or(Status::INVALID_NS.with_dnr()),
         (cns::ACTIVE_NS_LIST, Some(sub)) => active_list(sub, nsid),
+        // The NVM command set's controller structure (Linux reads it at VS >= 1.2 for the
+        // Write Zeroes / DSM limits): all zero, no limits beyond MDTS.
+        (cns::CSI_CONTROLLER, Some(_)) if cmd.cdw(11) >> 24 == 0 => Ok(vec![0u8; IDENTIFY_LEN]),
         (cns::NS_DESCRIPTORS, Some(sub)) => sub
             .namespace(nsid)
             .map(descriptors)

@@ -11,6 +11,8 @@ use crate::nvmf::wire::{opcode, Command, Sgl};
 
 /// Flush of every namespace.
 pub(crate) const NSID_ALL: u32 = 0xffff_ffff;
+/// Read/Write cdw12: Force Unit Access.
+const RW_FUA: u32 = 1 << 30;
 /// DSM attribute: deallocate.
 const DSM_AD: u32 = 1 << 2;
 /// Bytes of one DSM range.
@@ -41,6 +43,18 @@ fn target(q: &QueueCore, cntlid: u16) -> Option<Target> {
 }
 
 impl Target {
+    /// A data-less command (Flush, Write Zeroes, Deallocate) for the backend.
+    fn io(&self, cid: u16, nsid: u32, op: IoOp) -> IoCommand {
+        IoCommand {
+            cid,
+            nsid,
+            subsystem: self.subsystem,
+            op,
+            sgl: Sgl::NoData,
+            fua: false,
+        }
+    }
+
     fn ns(&self, nsid: u32) -> Option<&NamespaceInfo> {
         self.namespaces.iter().find(|n| n.nsid == nsid)
     }
@@ -75,7 +89,7 @@ pub(crate) fn on_io(q: &mut QueueCore, cntlid: u16, cmd: &Command, in_capsule: &
         if !t.namespaces.iter().any(|n| n.volatile_write_cache) {
             return q.done(cid, Status::SUCCESS);
         }
-        return issue(q, &t, cid, nsid, IoOp::Flush, Sgl::NoData, IoKind::Other, 0);
+        return issue(q, t.io(cid, nsid, IoOp::Flush), IoKind::Other, 0);
     }
     let Some(ns) = t.ns(nsid).copied() else {
         return q.done(cid, Status::INVALID_NS.with_dnr());
@@ -86,7 +100,7 @@ pub(crate) fn on_io(q: &mut QueueCore, cntlid: u16, cmd: &Command, in_capsule: &
             if !ns.volatile_write_cache {
                 return q.done(cid, Status::SUCCESS);
             }
-            issue(q, &t, cid, nsid, IoOp::Flush, Sgl::NoData, IoKind::Other, 0)
+            issue(q, t.io(cid, nsid, IoOp::Flush), IoKind::Other, 0)
         }
         opcode::WRITE_ZEROES => {
             if !ns.supports_write_zeroes {
@@ -97,7 +111,7 @@ pub(crate) fn on_io(q: &mut QueueCore, cntlid: u16, cmd: &Command, in_capsule: &
             match byte_range(&ns, slba, nlb) {
                 Some((offset, len)) => {
                     let op = IoOp::WriteZeroes { offset, len };
-                    issue(q, &t, cid, nsid, op, Sgl::NoData, IoKind::Other, 0)
+                    issue(q, t.io(cid, nsid, op), IoKind::Other, 0)
                 }
                 None => q.done(cid, Status::LBA_OUT_OF_RANGE.with_dnr()),
             }
@@ -106,25 +120,10 @@ pub(crate) fn on_io(q: &mut QueueCore, cntlid: u16, cmd: &Command, in_capsule: &
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn issue(
-    q: &mut QueueCore,
-    t: &Target,
-    cid: u16,
-    nsid: u32,
-    op: IoOp,
-    sgl: Sgl,
-    kind: IoKind,
-    bytes: u64,
-) -> Action {
-    q.pending.insert(cid, Pending::Io { kind, bytes });
-    Action::Io(IoCommand {
-        cid,
-        nsid,
-        subsystem: t.subsystem,
-        op,
-        sgl,
-    })
+/// Records the command as in flight and hands it to the transport.
+fn issue(q: &mut QueueCore, io: IoCommand, kind: IoKind, bytes: u64) -> Action {
+    q.pending.insert(io.cid, Pending::Io { kind, bytes });
+    Action::Io(io)
 }
 
 fn read_write(
@@ -170,7 +169,12 @@ fn read_write(
     } else {
         (IoOp::Read { offset, len }, IoKind::Read)
     };
-    issue(q, t, cid, ns.nsid, op, sgl, kind, u64::from(len))
+    let io = IoCommand {
+        fua: write && cmd.cdw(12) & RW_FUA != 0,
+        sgl,
+        ..t.io(cid, ns.nsid, op)
+    };
+    issue(q, io, kind, u64::from(len))
 }
 
 fn dsm(
@@ -264,5 +268,5 @@ fn deallocate(
         return q.done(cid, Status::SUCCESS);
     }
     let op = IoOp::Deallocate { ranges: out };
-    issue(q, t, cid, ns.nsid, op, Sgl::NoData, IoKind::Other, 0)
+    issue(q, t.io(cid, ns.nsid, op), IoKind::Other, 0)
 }

@@ -84,6 +84,10 @@ pub struct IoCommand {
     /// The command's data descriptor: Read -> Keyed (RDMA WRITE to it); Write -> Keyed
     /// (RDMA READ) or InCapsule (the capsule's bytes at `offset`); others: ignore.
     pub sgl: Sgl,
+    /// Write with Force Unit Access (cdw12 bit 30; Linux sets it for REQ_FUA when VWC is
+    /// reported): the data must be durable when the completion is sent (write with
+    /// `RWF_DSYNC` / NVMe FUA, or flush before completing). Always false for other ops.
+    pub fua: bool,
 }
 
 /// A backend operation (byte offsets and lengths).
@@ -139,7 +143,7 @@ pub struct TargetStats {
     pub bytes_read: u64,
     /// Bytes written by hosts.
     pub bytes_written: u64,
-    /// Controllers reported by [`TargetCore::expired`].
+    /// Keep-alive expiries reported by [`TargetCore::expired`] (each counted once).
     pub keep_alive_expired: u64,
 }
 
@@ -276,16 +280,21 @@ impl TargetCore {
     pub fn expired(&self, now: Instant) -> Vec<u16> {
         let mut s = self.lock();
         let mut out = Vec::new();
-        for (&id, c) in &s.controllers {
+        let mut newly = 0;
+        for (&id, c) in s.controllers.iter_mut() {
             if c.kato_ms == 0 {
                 continue;
             }
             let idle = now.saturating_duration_since(c.last_seen);
             if idle > Duration::from_millis(u64::from(c.kato_ms)) {
                 out.push(id);
+                newly += u64::from(!c.expired);
+                c.expired = true;
+            } else {
+                c.expired = false;
             }
         }
-        s.counters.keep_alive_expired += out.len() as u64;
+        s.counters.keep_alive_expired += newly;
         out
     }
 

@@ -65,6 +65,8 @@ pub(crate) struct Controller {
     pub io_qids: BTreeSet<u16>,
     /// Async Event Configuration feature value.
     pub aec: u32,
+    /// Already counted as expired in the statistics.
+    pub expired: bool,
 }
 
 /// Counters for SMART and [`super::TargetStats`].
