@@ -583,4 +583,20 @@ fn dsm_deallocate_and_backend_errors() {
     // A completion for a command the core never issued.
     assert_eq!(q.on_io_done(99, Ok(())).status, Status::INTERNAL.with_dnr());
     assert_eq!(core.stats().read_cmds, 0);
+    // Data for a command that waits for none is refused without losing that command.
+    assert!(matches!(
+        q.on_command(&rw(0x02, 20, 1, 0, 0).keyed(512).cmd(), &[], now),
+        Action::Io(_)
+    ));
+    assert_eq!(
+        status(q.on_data(20, &[0; 512], now)),
+        Status::INTERNAL.with_dnr()
+    );
+    assert_eq!(
+        status(q.on_data(21, &[0; 16], now)),
+        Status::INTERNAL.with_dnr()
+    );
+    assert_eq!(q.on_io_done(20, Ok(())).status, Status::SUCCESS);
+    assert_eq!(core.stats().read_cmds, 1);
+    assert_eq!(q.outstanding(), 0);
 }
