@@ -123,6 +123,12 @@ pub fn test(args: &[String]) -> Result<u8> {
 
     let mut vm_status = 0u8;
     if in_vm {
+        // The guest runs this very binary: keep a copy, since building the workspace below
+        // may replace target/debug/xtask (a dependency's features unify differently in a
+        // workspace build than in `cargo run -p xtask`).
+        let xtask = cache_dir().join(format!("xtask-{}", std::process::id()));
+        std::fs::copy(std::env::current_exe().map_err(|e| e.to_string())?, &xtask)
+            .map_err(|e| format!("copying the xtask binary: {e}"))?;
         println!("==> testbed: building test binaries on the host");
         let list = test_binaries(&root)?;
         crate::build_workspace_bins()?;
@@ -136,7 +142,6 @@ pub fn test(args: &[String]) -> Result<u8> {
         }
         std::fs::write(&list_file, text).map_err(|e| format!("suite list: {e}"))?;
         let kernel = kernel::ensure_kernel()?;
-        let xtask = std::env::current_exe().map_err(|e| e.to_string())?;
         println!("==> testbed: booting the VM and running the suite");
         let opts = vm::VmOptions::for_command(vec![
             xtask.display().to_string(),
@@ -145,6 +150,7 @@ pub fn test(args: &[String]) -> Result<u8> {
         ]);
         let r = vm::run_in_vm(&kernel, &opts);
         let _ = std::fs::remove_file(&list_file);
+        let _ = std::fs::remove_file(&xtask);
         let run = r?;
         vm_status = run.status;
         ok &= vm_status == 0;
