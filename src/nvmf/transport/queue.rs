@@ -251,6 +251,11 @@ impl<'a> Queue<'a> {
             for wc in &wcs[..n] {
                 self.on_wc(wc)?;
             }
+            // Connect (on_command or on_data) names the controller: publish it for the
+            // listener's keep-alive teardown.
+            if let Some(c) = self.core.cntlid() {
+                self.ctl.cntlid.store(u32::from(c), Ordering::Release);
+            }
             done.clear();
             self.io
                 .ring()
@@ -450,9 +455,6 @@ impl<'a> Queue<'a> {
             _ => &[],
         };
         let action = self.core.on_command(&cmd, in_capsule, Instant::now());
-        if let Some(c) = self.core.cntlid() {
-            self.ctl.cntlid.store(u32::from(c), Ordering::Release);
-        }
         if data_len == 0 {
             self.release_slot(idx)?;
         }
