@@ -507,3 +507,181 @@ impl QueueIo {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::p2p_alloc::{Placement, Pool};
+
+    /// A scratch file of `len` bytes, removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str, len: u64) -> Scratch {
+            // /tmp here is ext4 (O_DIRECT capable); tmpfs supports it too on 6.6+.
+            let p = std::env::temp_dir().join(format!(
+                "peerpipe-nvmf-backend-{}-{name}",
+                std::process::id()
+            ));
+            std::fs::File::create(&p).unwrap().set_len(len).unwrap();
+            Scratch(p)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn pool() -> Pool {
+        Pool::builder(Placement::HostOnly)
+            .chunk_size(1 << 20)
+            .build()
+            .unwrap()
+    }
+
+    /// Submits `req` and waits for its completion.
+    fn run(io: &mut QueueIo, req: IoRequest, tag: u64) -> IoDone {
+        if let Err(d) = io.submit(0, req, tag) {
+            return d;
+        }
+        let mut done = Vec::new();
+        io.ring().wait(1, &mut done).unwrap();
+        let d = QueueIo::done(done.pop().unwrap()).expect("an I/O completion");
+        assert_eq!(d.tag, tag);
+        d
+    }
+
+    #[test]
+    fn file_backend_reads_writes_zeroes_and_deallocates_through_pool_buffers() {
+        let s = Scratch::new("rw", 1 << 20);
+        let b = Arc::new(Backend::open(&s.0).unwrap());
+        assert_eq!(b.kind(), BackendKind::File);
+        let g = b.geometry().clone();
+        assert_eq!(u64::from(g.lba_size) * g.blocks, 1 << 20);
+        assert!(g.volatile_write_cache, "a file needs fdatasync");
+        let pool = pool();
+        let mut io = QueueIo::new(&[b], 8).unwrap();
+
+        let mut w = pool.alloc(8192).unwrap();
+        for (i, x) in w.as_mut_slice().iter_mut().enumerate() {
+            *x = (i % 251) as u8;
+        }
+        let d = run(
+            &mut io,
+            IoRequest::Write {
+                offset: 65536,
+                buf: PoolBuf::new(w),
+            },
+            1,
+        );
+        assert_eq!(d.result, Ok(()));
+        assert!(d.buf.is_some(), "the buffer comes back with the completion");
+        assert_eq!(run(&mut io, IoRequest::Flush, 2).result, Ok(()));
+
+        // Read the middle 4 KiB into a range of a bigger buffer.
+        let r = PoolBuf::range(pool.alloc(16384).unwrap(), 4096, 4096);
+        let d = run(
+            &mut io,
+            IoRequest::Read {
+                offset: 65536 + 4096,
+                buf: r,
+            },
+            3,
+        );
+        assert_eq!(d.result, Ok(()));
+        let back = d.buf.unwrap();
+        let got = &back.buffer().as_slice()[4096..8192];
+        assert!(got
+            .iter()
+            .enumerate()
+            .all(|(i, &x)| x == ((i + 4096) % 251) as u8));
+
+        let d = run(
+            &mut io,
+            IoRequest::WriteZeroes {
+                offset: 65536,
+                len: 4096,
+            },
+            4,
+        );
+        assert_eq!(d.result, Ok(()));
+        let d = run(
+            &mut io,
+            IoRequest::Deallocate {
+                ranges: vec![(65536 + 4096, 4096)],
+            },
+            5,
+        );
+        assert_eq!(d.result, Ok(()));
+        let d = run(
+            &mut io,
+            IoRequest::Read {
+                offset: 65536,
+                buf: PoolBuf::new(pool.alloc(8192).unwrap()),
+            },
+            6,
+        );
+        assert_eq!(d.result, Ok(()));
+        assert!(d.buf.unwrap().buffer().as_slice()[..8192]
+            .iter()
+            .all(|&x| x == 0));
+    }
+
+    #[test]
+    fn bad_requests_and_paths_fail_with_errno_and_keep_buffers() {
+        let s = Scratch::new("bad", 1 << 20);
+        let pool = pool();
+        let mut io = QueueIo::new(&[Arc::new(Backend::open(&s.0).unwrap())], 8).unwrap();
+        // Beyond the end of a file: the read moves nothing, which counts as EIO; the buffer
+        // comes back.
+        let d = run(
+            &mut io,
+            IoRequest::Read {
+                offset: 1 << 20,
+                buf: PoolBuf::new(pool.alloc(4096).unwrap()),
+            },
+            9,
+        );
+        assert_eq!(d.result, Err(libc::EIO));
+        assert!(d.buf.is_some());
+        // An unknown backend index.
+        let e = io.submit(3, IoRequest::Flush, 10).unwrap_err();
+        assert_eq!((e.tag, e.result), (10, Err(libc::EINVAL)));
+
+        match Backend::open(Path::new("/nonexistent/peerpipe-ns")) {
+            Err(BackendError::Open { source, .. }) => {
+                assert_eq!(source.errno(), Some(libc::ENOENT))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            Backend::open(&std::env::temp_dir()),
+            Err(BackendError::Unsupported { .. })
+        ));
+        let empty = Scratch::new("empty", 0);
+        assert!(matches!(
+            Backend::open(&empty.0),
+            Err(BackendError::Unsupported { .. })
+        ));
+    }
+
+    #[test]
+    fn nvme_statuses_map_to_the_nearest_errno() {
+        let nvme = |sct: u16, sc: u16| uring::Error::Nvme {
+            op: "t",
+            status: uring::NvmeStatus((sct << 8) | sc),
+        };
+        assert_eq!(errno_of(&nvme(0, 0x80)), libc::ERANGE);
+        assert_eq!(errno_of(&nvme(2, 0x81)), libc::ENODATA);
+        assert_eq!(errno_of(&nvme(2, 0x80)), libc::EIO);
+        assert_eq!(
+            errno_of(&uring::Error::Os {
+                op: "t",
+                errno: libc::ENOSPC
+            }),
+            libc::ENOSPC
+        );
+    }
+}
