@@ -341,11 +341,13 @@ fn testbed_nvmf_passthrough_namespace_with_host_buffers_and_allowed_hosts() {
     let host = Host::connect(port, &n, HOSTNQN).unwrap_or_else(|o| panic!("{}", tb::text(&o)));
     fio(&host.dev, "randwrite", "4k");
     pattern_reaches_backing(&host.dev, &drive.block, 8, 2);
+    // Stopping with the host still connected: the target disconnects it and exits cleanly.
+    let stopped = stop_target(t);
+    assert!(stopped.status.success(), "{}", tb::text(&stopped));
     let o = host.disconnect();
     assert!(o.status.success(), "{}", tb::text(&o));
-    let o = stop_target(t);
-    assert!(o.status.success(), "{}", tb::text(&o));
-    let err = stderr(&o);
+    let err = stderr(&stopped);
+    assert!(err.contains("queue closed"), "{err}");
     assert!(err.contains("nvme passthrough"), "{err}");
     assert!(err.contains("target: buffers host"), "{err}");
 }
