@@ -425,6 +425,9 @@ impl QueueIo {
                     op: "setup",
                     source,
                 })?;
+        // Each operation goes to the device when queued: the queue loop may stay busy with
+        // RDMA work for a while before it next waits in the ring.
+        ring.set_submit_batch(1);
         let mut targets = Vec::with_capacity(backends.len());
         for b in backends {
             targets.push((b.add_to(&mut ring)?, b.geometry.lba_size as usize));

@@ -26,8 +26,9 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::nvmf::backend::{Backend, BackendError};
+use crate::nvmf::backend::{Backend, BackendError, IoRequest, PoolBuf, QueueIo};
 use crate::nvmf::transport::{self, Shared, TransportError};
 use crate::nvmf::{ConfigError, NamespaceInfo, TargetConfig, TargetCore, TargetStats};
 use crate::p2p_alloc::{self as alloc, Placement, Pool};
@@ -63,8 +64,8 @@ pub enum TargetError {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum BufferChoice {
-    /// p2pmem when a provider's memory can be registered with the RDMA devices, else host
-    /// memory.
+    /// p2pmem when a provider's memory can be registered with the RDMA devices and every
+    /// backend can read into it, else host memory.
     #[default]
     Auto,
     /// p2pmem or fail.
@@ -155,9 +156,42 @@ fn registers_everywhere(buf: &alloc::Buffer) -> Result<(), String> {
     Ok(())
 }
 
-/// A p2pmem pool, if a provider has a char device and its memory registers with the RDMA
-/// devices; `Err(reason)` otherwise.
-fn p2p_pool(cfg: &TargetConfig) -> Result<Result<(Pool, BufferInfo), String>, TargetError> {
+/// Reads the first block of every backend into a buffer of `pool` (what a host read does).
+fn backends_read_into(pool: &Pool, backends: &[Arc<Backend>]) -> Result<(), String> {
+    for b in backends {
+        let what = |e: String| format!("reading {} into p2pmem: {e}", b.path().display());
+        let mut io = QueueIo::new(std::slice::from_ref(b), 4).map_err(|e| what(e.to_string()))?;
+        let buf = pool
+            .alloc(b.geometry().lba_size as usize)
+            .map_err(|e| what(e.to_string()))?;
+        let req = IoRequest::Read {
+            offset: 0,
+            buf: PoolBuf::new(buf),
+        };
+        let result = match io.submit(0, req, 0) {
+            Err(d) => d.result,
+            Ok(()) => {
+                let mut done = Vec::new();
+                io.ring()
+                    .wait_timeout(1, Duration::from_secs(30), &mut done)
+                    .map_err(|e| what(e.to_string()))?;
+                match done.pop().and_then(QueueIo::done) {
+                    Some(d) => d.result,
+                    None => Err(libc::ETIMEDOUT),
+                }
+            }
+        };
+        result.map_err(|errno| what(std::io::Error::from_raw_os_error(errno).to_string()))?;
+    }
+    Ok(())
+}
+
+/// A p2pmem pool, if a provider has a char device, its memory registers with the RDMA
+/// devices and every backend can read into it; `Err(reason)` otherwise.
+fn p2p_pool(
+    cfg: &TargetConfig,
+    backends: &[Arc<Backend>],
+) -> Result<Result<(Pool, BufferInfo), String>, TargetError> {
     let providers =
         alloc::discover(&alloc::SysRoot::live()).map_err(|source| TargetError::Buffers {
             what: "p2pmem discovery".into(),
@@ -192,6 +226,9 @@ fn p2p_pool(cfg: &TargetConfig) -> Result<Result<(Pool, BufferInfo), String>, Ta
         return Ok(Err(e));
     }
     drop(probe);
+    if let Err(e) = backends_read_into(&pool, backends) {
+        return Ok(Err(e));
+    }
     Ok(Ok((pool, BufferInfo { p2p: true, reason })))
 }
 
@@ -250,8 +287,8 @@ impl Target {
         let core = TargetCore::new(&cfg, infos)?;
         let (pool, info) = match buffers {
             BufferChoice::Host => host_pool(&cfg, "--buffers host".into())?,
-            BufferChoice::P2p => p2p_pool(&cfg)?.map_err(TargetError::NoP2pMem)?,
-            BufferChoice::Auto => match p2p_pool(&cfg)? {
+            BufferChoice::P2p => p2p_pool(&cfg, &backends)?.map_err(TargetError::NoP2pMem)?,
+            BufferChoice::Auto => match p2p_pool(&cfg, &backends)? {
                 Ok(p) => p,
                 Err(why) => host_pool(&cfg, format!("p2pmem not usable: {why}"))?,
             },
