@@ -116,7 +116,10 @@ fn testbed_leaks_primary_engine_after_its_replica_is_killed() {
     let _ = replica.finish(Duration::from_secs(90));
     assert!(killed_at.is_some(), "never reached 16 blocks");
     assert!(!report.outcome.success, "{:?}", report.outcome);
-    assert!(report.outcome.replicated_bytes < 64 << 20, "the kill landed mid-run");
+    assert!(
+        report.outcome.replicated_bytes < 64 << 20,
+        "the kill landed mid-run"
+    );
     assert_back_to(&start, "the primary engine's replica was killed");
 }
 
@@ -142,13 +145,22 @@ fn testbed_leaks_replica_engine_after_its_primary_is_killed() {
         Command::new(replicator())
             .args(["primary", "--source"])
             .arg(tb::drive("data1").block)
-            .args(["--bind", &a0, "--replica", &addr, "--len", "64M", "--rate", "4M"])
+            .args([
+                "--bind",
+                &a0,
+                "--replica",
+                &addr,
+                "--len",
+                "64M",
+                "--rate",
+                "4M",
+            ])
             .args(["--status-interval", "0.1", "--buffers", "host"])
             .args(["--secret-file", &secret_file()]),
         "primary",
     );
     let run = std::thread::spawn(move || engine.run());
-    primary.wait_for(Duration::from_secs(300), |l| {
+    let reached = primary.try_wait_for(Duration::from_secs(300), |l| {
         let k: u64 = l
             .strip_prefix("progress: ")?
             .split('/')
@@ -157,6 +169,14 @@ fn testbed_leaks_replica_engine_after_its_primary_is_killed() {
             .ok()?;
         (k >= 16).then_some(())
     });
+    if let Err(why) = reached {
+        let out = primary.finish(Duration::from_secs(60));
+        panic!(
+            "{why}\n{}\nreplica engine: {:?}",
+            tb::text(&out),
+            run.join()
+        );
+    }
     primary.kill();
     let _ = primary.finish(Duration::from_secs(10));
     let report = run.join().expect("engine thread").expect("replica run");

@@ -836,6 +836,70 @@ fn testbed_replicator_protocol_error_during_read_back_exits_cleanly() {
     assert!(!err.contains("panicked"), "{err}");
 }
 
+/// p2pmem exhaustion: with most of the CMB held elsewhere, a replica or primary asking for
+/// p2p buffers fails at start with a clear error naming the shortage, and a run that already
+/// holds its p2pmem is not disturbed by a later exhaustion (its data is verified).
+#[test]
+#[ignore = "skipped: no device (testbed test; run: cargo xtask test)"]
+fn testbed_replicator_p2pmem_exhaustion_is_a_clear_error() {
+    use peerpipe::p2p_alloc::{discover, SysRoot};
+    tb::require_testbed();
+    let (_, a1) = tb::addrs();
+    let provider = || discover(&SysRoot::live()).expect("discover").remove(0);
+    let chardev = provider().chardev.expect("/dev/p2pmemN");
+    let avail = || provider().available().expect("available");
+    // At start: all but 1 MiB of the CMB is held by someone else.
+    {
+        let _hold = tb::P2pMap::new(&chardev, (avail() - (1 << 20)) as usize);
+        let o = tb::run(
+            Command::new(bin())
+                .args(["replica", "--listen", &format!("{a1}:7507"), "--target"])
+                .arg(tb::drive("data2").block)
+                .args(["--buffers", "p2p", "--insecure-any-primary"]),
+            Duration::from_secs(60),
+        );
+        assert_eq!(o.status.code(), Some(2), "{}", tb::text(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("out of p2pmem"), "{err}");
+    }
+    // While a replica holds its p2pmem: the rest is taken, a p2p primary is refused clearly,
+    // and a host-buffer primary still replicates into the p2p replica, verified.
+    let src = tb::drive("data1").block;
+    let dst = tb::drive("data2").block;
+    fill_random(&src, 4);
+    zero(&dst, 4);
+    let addr = format!("{a1}:7508");
+    let kid = replica(&addr, &dst, "p2p");
+    let _hold = tb::P2pMap::new(&chardev, avail() as usize);
+    let o = primary(
+        &src,
+        &[&addr],
+        &["--len", "2M", "--buffers", "p2p"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", tb::text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("out of p2pmem"),
+        "{}",
+        tb::text(&o)
+    );
+    let o = primary(
+        &src,
+        &[&addr],
+        &["--len", "2M", "--buffers", "host", "--verify", "--json"],
+        Duration::from_secs(300),
+    );
+    assert!(o.status.success(), "{}", tb::text(&o));
+    assert!(
+        stdout(&o).contains("\"verified_blocks\":32"),
+        "{}",
+        stdout(&o)
+    );
+    let ro = kid.finish(Duration::from_secs(60));
+    assert!(ro.status.success(), "{}", tb::text(&ro));
+    assert!(read_range(&dst, 0, 2 << 20) == read_range(&src, 0, 2 << 20));
+}
+
 /// Who may write to a replica: a primary without the secret, with another secret, or from an
 /// address not allowed is refused with a clear reason on both sides, and the replica goes on
 /// listening; then the rightful primary replicates through the same replica process.

@@ -204,7 +204,24 @@ impl Watched {
     /// Waits until the process prints a line for which `pick` returns `Some`, and returns
     /// that. Fails the test (with the output so far) when the process ends first or
     /// `timeout` passes: a generous bound for a hang, never a pacing device.
-    pub fn wait_for<T>(&mut self, timeout: Duration, mut pick: impl FnMut(&str) -> Option<T>) -> T {
+    pub fn wait_for<T>(&mut self, timeout: Duration, pick: impl FnMut(&str) -> Option<T>) -> T {
+        match self.try_wait_for(timeout, pick) {
+            Ok(v) => v,
+            Err(why) => {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("{why}\n{}", self.so_far());
+            }
+        }
+    }
+
+    /// [`Watched::wait_for`] that says why it gave up (the process ended, or `timeout`
+    /// passed) instead of failing the test, so the caller can gather more evidence first.
+    pub fn try_wait_for<T>(
+        &mut self,
+        timeout: Duration,
+        mut pick: impl FnMut(&str) -> Option<T>,
+    ) -> Result<T, String> {
         let end = Instant::now() + timeout;
         loop {
             let left = end.saturating_duration_since(Instant::now());
@@ -214,20 +231,17 @@ impl Watched {
             {
                 Ok(line) => {
                     if let Some(v) = pick(&line) {
-                        return v;
+                        return Ok(v);
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) if !left.is_zero() => {}
                 Err(e) => {
                     let ended = matches!(e, mpsc::RecvTimeoutError::Disconnected);
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    panic!(
-                        "{}: {} before the awaited line\n{}",
+                    return Err(format!(
+                        "{}: {} before the awaited line",
                         self.what,
                         if ended { "ended" } else { "timed out" },
-                        self.so_far()
-                    );
+                    ));
                 }
             }
         }
