@@ -348,3 +348,44 @@ impl Target {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffer_choices_parse_and_chunks_hold_the_largest_transfer() {
+        assert_eq!("p2p".parse(), Ok(BufferChoice::P2p));
+        assert_eq!("host".parse(), Ok(BufferChoice::Host));
+        assert_eq!("auto".parse(), Ok(BufferChoice::Auto));
+        assert!("gpu".parse::<BufferChoice>().unwrap_err().contains("gpu"));
+        let mut cfg = TargetConfig::default();
+        assert_eq!(chunk_size(&cfg), 4 << 20);
+        cfg.mdts_bytes = 16 << 20;
+        assert_eq!(chunk_size(&cfg), 16 << 20);
+    }
+
+    #[test]
+    fn a_missing_namespace_fails_before_anything_listens() {
+        let mut cfg = TargetConfig::new("127.0.0.1:0".parse().unwrap());
+        cfg.subsystems.push(crate::nvmf::SubsystemConfig {
+            nqn: "nqn.2026-11.io.peerpipe:test".into(),
+            namespaces: vec![crate::nvmf::NamespaceConfig {
+                nsid: 1,
+                path: "/nonexistent/peerpipe-ns".into(),
+                uuid: None,
+                nguid: None,
+            }],
+            allowed_hosts: Vec::new(),
+            serial: "s".into(),
+            model: "m".into(),
+        });
+        match Target::with_buffers(cfg, BufferChoice::Host) {
+            Err(TargetError::Backend(BackendError::Open { path, .. })) => {
+                assert_eq!(path, std::path::Path::new("/nonexistent/peerpipe-ns"))
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("a target without its namespace started"),
+        }
+    }
+}
