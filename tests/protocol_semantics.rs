@@ -543,3 +543,42 @@ fn short_source_read_fails_the_block_and_the_run() {
     let why = o.replica_errors[0].as_deref().unwrap();
     assert!(why.contains("source read failed"), "{why}");
 }
+
+/// Regression (fuzz/primary_core): a failed source read aborted the replicas one by one, and
+/// losing the first re-dispatched the failed block to the second, which had a buffer for it:
+/// the bytes of a failed read were RDMA-written and announced with `BlockSent`.
+#[test]
+fn failed_source_read_is_never_written_to_any_replica() {
+    let l = Layout::new(0, 4096, 4096, 512, CAP).unwrap();
+    let mut p = PrimaryCore::new(l, 2, 4, true).unwrap();
+    let mut out = Vec::new();
+    p.start(&mut out);
+    let ack = Message::HelloAck {
+        replica_id: 1,
+        window: 2,
+        capacity: CAP,
+    };
+    p.on_message(1, &ack.encode(), &mut out);
+    let adv = Message::BufferReady {
+        seq: 0,
+        addr: 0x1000,
+        rkey: 7,
+        len: 4096,
+    };
+    p.on_message(1, &adv.encode(), &mut out);
+    out.clear();
+    p.on_read_done(0, Err("short read: 512 of 4096 bytes".into()), &mut out);
+    assert!(
+        !out.iter().any(|a| matches!(
+            a,
+            PrimaryAction::Write { .. }
+                | PrimaryAction::Send {
+                    msg: Message::BlockSent { .. },
+                    ..
+                }
+        )),
+        "{out:?}"
+    );
+    assert!(out.contains(&PrimaryAction::Release { seq: 0 }));
+    assert!(p.is_finished() && !p.outcome().success);
+}

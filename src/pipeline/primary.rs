@@ -229,6 +229,11 @@ impl PrimaryCore {
         if !b.read_done || b.dispatched {
             return;
         }
+        if self.source_failed.is_some() {
+            // A failed (or short) read is never sent, nor is anything after it: the replicas
+            // are being aborted. Found by the primary_core fuzz target.
+            return self.maybe_release(seq, out);
+        }
         let live: Vec<usize> = (0..self.alive.len()).filter(|&r| self.alive[r]).collect();
         if !live.iter().all(|&r| self.adverts[r].contains_key(&seq)) {
             return;

@@ -461,12 +461,15 @@ mod tests {
             Message::decode(&w),
             Err(ProtocolError::BadMagic { .. })
         ));
-        let mut w = good;
-        w[4] = 2;
-        assert_eq!(
-            Message::decode(&w),
-            Err(ProtocolError::BadVersion { got: 2 })
-        );
+        // Version 1 (with `BlockSent`'s unchecked checksum) is refused by name.
+        for v in [1, VERSION + 1] {
+            let mut w = good;
+            w[4] = v;
+            assert_eq!(
+                Message::decode(&w),
+                Err(ProtocolError::BadVersion { got: v })
+            );
+        }
         for k in [0u8, 10, 200, 255] {
             let mut w = good;
             w[5] = k;
