@@ -306,6 +306,45 @@ fn testbed_nvmf_discover_connect_identify_fio_and_backing_drive() {
     // And it lands on the backing drive, byte for byte.
     pattern_reaches_backing(&host.dev, &drive.block, 40, 4);
 
+    // Write Zeroes, Deallocate and Flush through the fabric reach the backing drive too.
+    let at = (40u64 << 20) / drive.lba_size;
+    let blocks = (64u64 << 10) / drive.lba_size;
+    let dev = host.dev.to_str().unwrap();
+    let o = nvme(&[
+        "write-zeroes",
+        dev,
+        &format!("--start-block={at}"),
+        &format!("--block-count={}", blocks - 1),
+    ]);
+    assert!(o.status.success(), "{}", tb::text(&o));
+    let o = nvme(&[
+        "dsm",
+        dev,
+        "--ad",
+        &format!("--slbs={}", at + blocks),
+        &format!("--blocks={blocks}"),
+    ]);
+    assert!(o.status.success(), "{}", tb::text(&o));
+    let o = nvme(&["flush", dev]);
+    assert!(o.status.success(), "{}", tb::text(&o));
+    let back = Path::new("/tmp/peerpipe/nvmf-zeroed");
+    dd(&[
+        &format!("if={}", drive.block.display()),
+        &format!("of={}", back.display()),
+        "bs=64k",
+        "count=3",
+        &format!("skip={}", (40u64 << 20) / (64 << 10)),
+        "iflag=direct",
+    ]);
+    let got = std::fs::read(back).unwrap();
+    let pat = std::fs::read("/tmp/peerpipe/nvmf-pattern").unwrap();
+    assert!(got[..64 << 10].iter().all(|&x| x == 0), "write zeroes");
+    assert_eq!(
+        &got[128 << 10..],
+        &pat[128 << 10..192 << 10],
+        "data after the deallocated range is untouched"
+    );
+
     let o = host.disconnect();
     assert!(o.status.success(), "{}", tb::text(&o));
     assert!(
@@ -456,6 +495,25 @@ fn testbed_nvmf_bad_hosts_are_rejected_or_torn_down_without_disturbing_others() 
     let n = nqn("isolation");
     let drive = tb::drive("data3");
     let t = start_target(port, &n, &drive.block, &[]);
+
+    // The block device is held exclusively: a second target on it is refused.
+    let o = tb::run(
+        Command::new(env!("CARGO_BIN_EXE_peerpipe"))
+            .args([
+                "target",
+                "--listen",
+                &format!("{}:{}", tb::addrs().1, port + 10),
+            ])
+            .args(["--nqn", &nqn("second"), "--ns"])
+            .arg(&drive.block),
+        Duration::from_secs(60),
+    );
+    assert!(!o.status.success(), "{}", tb::text(&o));
+    assert!(
+        stderr(&o).contains("busy"),
+        "expected EBUSY: {}",
+        tb::text(&o)
+    );
 
     // Bad private data: rejected with the NVMe/RDMA status (invalid hsqsize = 4).
     let mut bad = admin_request();
