@@ -288,7 +288,9 @@ impl Link {
     /// A description: nothing arrived, a failed completion, or a verbs error.
     pub(crate) fn first_message(&self, timeout: Duration) -> Result<[u8; MSG_LEN], String> {
         let end = Instant::now() + timeout;
-        let mut wcs = [rdma::EMPTY_COMPLETION; 4];
+        // One completion at a time: what follows the proof (the hello) stays in the CQ for
+        // the engine's loop.
+        let mut wcs = [rdma::EMPTY_COMPLETION; 1];
         loop {
             let got = self.cq.poll(&mut wcs).map_err(|e| e.to_string())?;
             for wc in &wcs[..got] {
