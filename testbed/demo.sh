@@ -47,4 +47,35 @@ await /tmp/rep0.log; await /tmp/rep1.log
 timeout 600 "$bin" primary --source "$src" --replica "$a1:7471" --replica "$a1:7472" \
   --bind "$a0" --len "$len" --buffers p2p --verify --timeout 60 --secret-file "$secret"
 wait "$rep0" "$rep1"
+
+# The NVMe over Fabrics target: the kernel's own nvme-rdma host (rxe0) connects to
+# `peerpipe target` (rxe1) serving data3, writes and verifies through it with fio, and the
+# bytes are then read straight from the backing drive.
+nqn=nqn.2026-11.io.peerpipe:demo
+hostnqn=nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-0000000000d0
+echo "== NVMe-oF: peerpipe target on $a1:4420 serving $r1 as $nqn"
+target/debug/peerpipe target --listen "$a1:4420" --nqn "$nqn" --ns "$r1" --buffers auto \
+  2> >(tee /tmp/target.log >&2) & tgt=$!
+await_target() { for _ in $(seq 600); do grep -q "listening on" /tmp/target.log 2>/dev/null && return; sleep 0.1; done; cat /tmp/target.log; exit 1; }
+await_target
+nvme discover -t rdma -a "$a1" -s 4420 -w "$a0" -q "$hostnqn"
+nvme connect -t rdma -a "$a1" -s 4420 -w "$a0" -n "$nqn" -q "$hostnqn" --ctrl-loss-tmo=5
+fdev=
+for _ in $(seq 100); do
+  for c in /sys/class/nvme/nvme*; do
+    [ "$(cat "$c/subsysnqn" 2>/dev/null)" = "$nqn" ] || continue
+    for n in "$c"/nvme*n*; do [ -e "/dev/$(basename "$n")" ] && fdev=/dev/$(basename "$n"); done
+  done
+  [ -n "$fdev" ] && break; sleep 0.1
+done
+[ -n "$fdev" ] || { echo "no fabrics namespace for $nqn"; exit 1; }
+nvme list-subsys | sed -n '1,12p'
+echo "== fio through $fdev (kernel nvme-rdma host -> peerpipe target), crc32c verify"
+fio --name=demo --filename="$fdev" --ioengine=io_uring --direct=1 --rw=randwrite --bs=64k \
+  --size=8M --iodepth=8 --verify=crc32c --do_verify=1 --output=/tmp/fio.log
+grep -E "WRITE:|READ:" /tmp/fio.log; echo "fio: written and verified through the fabric"
+echo "== the same 8 MiB read from the fabrics device and straight from $r1"
+cmp <(dd if="$fdev" bs=1M count=8 iflag=direct status=none) <(dd if="$r1" bs=1M count=8 iflag=direct status=none) && echo "cmp: identical"
+nvme disconnect -n "$nqn"
+kill -TERM "$tgt"; wait "$tgt"
 echo "demo: ok"

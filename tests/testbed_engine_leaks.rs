@@ -160,6 +160,19 @@ fn testbed_leaks_replica_engine_after_its_primary_is_killed() {
         "primary",
     );
     let run = std::thread::spawn(move || engine.run());
+    // The engine's end, within a bound (its primary gone: 10 s of silence at most, plus rxe's
+    // 50 s QP destroy stall; see tests/testbed_replicator.rs).
+    let join = |run: std::thread::JoinHandle<_>| {
+        let end = std::time::Instant::now() + Duration::from_secs(120);
+        while !run.is_finished() {
+            assert!(
+                std::time::Instant::now() < end,
+                "the replica engine did not end"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        run.join().expect("engine thread")
+    };
     let reached = primary.try_wait_for(Duration::from_secs(300), |l| {
         let k: u64 = l
             .strip_prefix("progress: ")?
@@ -171,15 +184,11 @@ fn testbed_leaks_replica_engine_after_its_primary_is_killed() {
     });
     if let Err(why) = reached {
         let out = primary.finish(Duration::from_secs(60));
-        panic!(
-            "{why}\n{}\nreplica engine: {:?}",
-            tb::text(&out),
-            run.join()
-        );
+        panic!("{why}\n{}\nreplica engine: {:?}", tb::text(&out), join(run));
     }
     primary.kill();
     let _ = primary.finish(Duration::from_secs(10));
-    let report = run.join().expect("engine thread").expect("replica run");
+    let report = join(run).expect("replica run");
     assert!(
         matches!(report.end, ReplicaEnd::PrimaryGone(_)),
         "{:?}",
