@@ -119,8 +119,12 @@ impl Drive {
         let meta = std::fs::metadata(path)
             .map_err(|e| open_err(crate::uring::Error::from_io("stat", &e)))?;
         let entries = (ops + 16).next_power_of_two().min(4096) as u32;
+        // Not SINGLE_ISSUER (nor DEFER_TASKRUN, which needs it): an engine may be built on
+        // one thread and run on another.
         let mut ring: Ring<DriveBuf> = Ring::builder()
             .entries(entries)
+            .single_issuer(false)
+            .defer_taskrun(false)
             .build()
             .map_err(|e| EngineError::ring("setup", e))?;
         if meta.file_type().is_char_device() {

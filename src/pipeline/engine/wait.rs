@@ -202,8 +202,11 @@ impl Waiter {
         while ring.in_flight() > 0 {
             done.clear();
             if let Err(e) = ring.wait_timeout(1, Duration::from_secs(10), &mut done) {
+                // The ring owns every buffer in flight, so stopping here is safe: its drop
+                // waits again or, failing that, leaks them. Retrying a ring that fails for
+                // good would hang the engine's exit.
                 tracing::warn!(error = %e, in_flight = ring.in_flight(), "draining the ring");
-                std::thread::sleep(Duration::from_millis(100));
+                break;
             }
         }
     }
