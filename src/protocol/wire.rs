@@ -222,8 +222,9 @@ impl Message {
         w.buf
     }
 
-    /// Parses and checks one message (context-free checks only; see [`PrimarySide`] and
-    /// [`ReplicaSide`] for the rest).
+    /// Parses and checks one message (context-free checks only; see
+    /// [`PrimarySide`](super::PrimarySide) and [`ReplicaSide`](super::ReplicaSide) for the
+    /// rest).
     ///
     /// # Errors
     /// A [`ProtocolError`] describing the first defect found. Never panics on any input.

@@ -20,7 +20,7 @@
 //!
 //! # Memory
 //! Data buffers come from one p2p-alloc pool (p2pmem or host memory). Every chunk of it is
-//! registered once per RDMA device, on first use ([`DeviceRes`]); all queues on a device share
+//! registered once per RDMA device, on first use (`DeviceRes`); all queues on a device share
 //! its protection domain. A command owns its buffers until its response SEND has completed, or
 //! until its queue's QP is destroyed on teardown; a backend I/O owns its buffer inside the
 //! ring until its completion is reaped, and teardown drains the ring first.
