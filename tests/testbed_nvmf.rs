@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use peerpipe::nvmf::{CmRequest, Completion, SQE_LEN};
@@ -18,229 +18,8 @@ use peerpipe::rdma::{
 };
 use peerpipe_testbed as tb;
 
-const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-0000000000a1";
-const OTHER_HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-0000000000b2";
-
-fn nqn(test: &str) -> String {
-    format!("nqn.2026-11.io.peerpipe:{test}")
-}
-
-/// Starts `peerpipe target` on rxe1's address and waits for its listening line.
-fn start_target(port: u16, nqn: &str, ns: &Path, extra: &[&str]) -> tb::Watched {
-    let (_, a1) = tb::addrs();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_peerpipe"));
-    cmd.args([
-        "target",
-        "--listen",
-        &format!("{a1}:{port}"),
-        "--nqn",
-        nqn,
-        "--ns",
-    ])
-    .arg(ns)
-    .arg("--verbose")
-    .args(extra);
-    let mut t = tb::spawn_watched(&mut cmd, "peerpipe target");
-    t.wait_line("target: listening on", Duration::from_secs(60));
-    t
-}
-
-/// SIGTERM, then the exit within a bound; returns the output.
-fn stop_target(t: tb::Watched) -> Output {
-    let o = tb::run(
-        Command::new("kill").args(["-TERM", &t.id().to_string()]),
-        Duration::from_secs(10),
-    );
-    assert!(o.status.success(), "{}", tb::text(&o));
-    t.finish(Duration::from_secs(90))
-}
-
-fn nvme(args: &[&str]) -> Output {
-    tb::run(Command::new("nvme").args(args), Duration::from_secs(120))
-}
-
-fn fabric_args(port: u16) -> Vec<String> {
-    let (a0, a1) = tb::addrs();
-    ["-t", "rdma", "-a", &a1, "-s", &port.to_string(), "-w", &a0]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-}
-
-/// A connected kernel host controller; disconnected on drop so a failing test leaves no
-/// controller behind.
-struct Host {
-    nqn: String,
-    ctrl: PathBuf,
-    dev: PathBuf,
-}
-
-impl Host {
-    fn connect(port: u16, nqn: &str, hostnqn: &str) -> Result<Host, Output> {
-        let mut args: Vec<String> = vec!["connect".into()];
-        args.extend(fabric_args(port));
-        for a in [
-            "-n",
-            nqn,
-            "-q",
-            hostnqn,
-            "--ctrl-loss-tmo=5",
-            "--reconnect-delay=1",
-        ] {
-            args.push(a.into());
-        }
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let o = nvme(&refs);
-        if !o.status.success() {
-            return Err(o);
-        }
-        let (ctrl, dev) = wait_fabrics_namespace(nqn);
-        Ok(Host {
-            nqn: nqn.to_string(),
-            ctrl,
-            dev,
-        })
-    }
-
-    fn disconnect(self) -> Output {
-        let o = nvme(&["disconnect", "-n", &self.nqn]);
-        std::mem::forget(self);
-        o
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        let _ = nvme(&["disconnect", "-n", &self.nqn]);
-    }
-}
-
-/// The controller (/sys/class/nvme/nvmeX) whose subsysnqn is `nqn` and its namespace block
-/// device, once the kernel has created it.
-fn wait_fabrics_namespace(nqn: &str) -> (PathBuf, PathBuf) {
-    let end = Instant::now() + Duration::from_secs(60);
-    loop {
-        for e in std::fs::read_dir("/sys/class/nvme")
-            .expect("/sys/class/nvme")
-            .flatten()
-        {
-            let c = e.path();
-            let sub = std::fs::read_to_string(c.join("subsysnqn")).unwrap_or_default();
-            if sub.trim() != nqn {
-                continue;
-            }
-            let ctrl = e.file_name().to_string_lossy().into_owned();
-            let ns = std::fs::read_dir(&c).ok().and_then(|d| {
-                d.flatten()
-                    .map(|x| x.file_name().to_string_lossy().into_owned())
-                    .find(|n| n.starts_with(&ctrl) && n[ctrl.len()..].starts_with('n'))
-            });
-            if let Some(ns) = ns {
-                let dev = Path::new("/dev").join(ns);
-                if dev.exists() {
-                    return (c, dev);
-                }
-            }
-        }
-        assert!(Instant::now() < end, "no namespace of {nqn} appeared");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// The hex value of `field` in nvme-cli's `name : value` output.
-fn field(out: &str, name: &str) -> String {
-    out.lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            (k.trim() == name).then(|| v.trim().to_string())
-        })
-        .unwrap_or_else(|| panic!("no {name} in\n{out}"))
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn dd(args: &[&str]) {
-    let o = tb::run(
-        Command::new("dd").args(args).arg("status=none"),
-        Duration::from_secs(180),
-    );
-    assert!(o.status.success(), "dd {args:?}: {}", tb::text(&o));
-}
-
-fn fio(dev: &Path, rw: &str, bs: &str) {
-    let o = tb::run(
-        Command::new("fio")
-            .args([
-                "--name=nvmf",
-                "--ioengine=io_uring",
-                "--direct=1",
-                "--iodepth=16",
-            ])
-            .arg(format!("--filename={}", dev.display()))
-            .args([
-                &format!("--rw={rw}"),
-                &format!("--bs={bs}"),
-                "--size=4M",
-                "--offset=16M",
-                "--verify=crc32c",
-                "--do_verify=1",
-                "--verify_fatal=1",
-            ]),
-        Duration::from_secs(600),
-    );
-    assert!(o.status.success(), "fio {rw} {bs}: {}", tb::text(&o));
-    assert!(
-        !stdout(&o).contains("verify:") && stdout(&o).contains("WRITE:"),
-        "{}",
-        tb::text(&o)
-    );
-}
-
-/// Writes `mib` MiB of random data through `via` at `offset_mib`, then reads the same range
-/// of `backing` with O_DIRECT (bypassing the fabric) and compares.
-fn pattern_reaches_backing(via: &Path, backing: &Path, offset_mib: u32, mib: u32) {
-    let dir = Path::new("/tmp/peerpipe");
-    std::fs::create_dir_all(dir).unwrap();
-    let pat = dir.join("nvmf-pattern");
-    let back = dir.join("nvmf-backing");
-    let count = format!("count={mib}");
-    let seek = format!("seek={offset_mib}");
-    let skip = format!("skip={offset_mib}");
-    dd(&[
-        "if=/dev/urandom",
-        &format!("of={}", pat.display()),
-        "bs=1M",
-        &count,
-    ]);
-    dd(&[
-        &format!("if={}", pat.display()),
-        &format!("of={}", via.display()),
-        "bs=1M",
-        &count,
-        &seek,
-        "oflag=direct",
-    ]);
-    dd(&[
-        &format!("if={}", backing.display()),
-        &format!("of={}", back.display()),
-        "bs=1M",
-        &count,
-        &skip,
-        "iflag=direct",
-    ]);
-    let (a, b) = (std::fs::read(&pat).unwrap(), std::fs::read(&back).unwrap());
-    assert_eq!(a.len(), (mib as usize) << 20);
-    assert!(
-        a == b,
-        "the backing drive differs from what was written through the fabric"
-    );
-}
+mod nvmf_tb;
+use nvmf_tb::*;
 
 #[test]
 #[ignore = "skipped: no device (testbed test; run: cargo xtask test)"]
@@ -389,6 +168,262 @@ fn testbed_nvmf_passthrough_namespace_with_host_buffers_and_allowed_hosts() {
     assert!(err.contains("queue closed"), "{err}");
     assert!(err.contains("nvme passthrough"), "{err}");
     assert!(err.contains("target: buffers host"), "{err}");
+}
+
+/// A small deterministic generator for file contents and sizes (xorshift64*).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(n + 8);
+        while v.len() < n {
+            v.extend_from_slice(&self.next().to_le_bytes());
+        }
+        v.truncate(n);
+        v
+    }
+}
+
+fn run_ok(cmd: &mut Command, what: &str) -> String {
+    let o = tb::run(cmd, Duration::from_secs(600));
+    assert!(o.status.success(), "{what}: {}", tb::text(&o));
+    tb::text(&o)
+}
+
+fn fnv64(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| {
+        (h ^ u64::from(x)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Unmounts on drop, so a failing test leaves no mount behind.
+struct Mounted(PathBuf);
+
+impl Mounted {
+    fn new(dev: &Path, at: &Path) -> Mounted {
+        run_ok(
+            Command::new("mount").args(["-t", "ext4"]).arg(dev).arg(at),
+            "mount",
+        );
+        Mounted(at.to_path_buf())
+    }
+
+    fn unmount(self) {
+        run_ok(Command::new("umount").arg(&self.0), "umount");
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = tb::run(Command::new("umount").arg(&self.0), Duration::from_secs(60));
+    }
+}
+
+#[test]
+#[ignore = "skipped: no device (testbed test; run: cargo xtask test)"]
+fn testbed_nvmf_ext4_mkfs_files_remount_fsck() {
+    tb::require_testbed();
+    let port = 4424;
+    let n = nqn("ext4");
+    let drive = tb::drive("data3");
+    let t = start_target(port, &n, &drive.block, &[]);
+    let host = Host::connect(port, &n, HOSTNQN).unwrap_or_else(|o| panic!("{}", tb::text(&o)));
+    let dev = host.dev.clone();
+    // Inode tables and journal written now, through the fabric, not lazily after mount.
+    run_ok(
+        Command::new("mkfs.ext4")
+            .args(["-F", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+            .arg(&dev),
+        "mkfs.ext4",
+    );
+    let mnt = Path::new("/tmp/peerpipe/nvmf-ext4");
+    std::fs::create_dir_all(mnt).unwrap();
+    let m = Mounted::new(&dev, mnt);
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut files = Vec::new();
+    for i in 0..20 {
+        let len = (rng.next() % (1 << 20)) as usize + 1;
+        let data = rng.bytes(len);
+        let path = mnt.join(format!("dir{}/f{i:02}", i % 3));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &data).unwrap();
+        files.push((path, len, fnv64(&data)));
+    }
+    run_ok(&mut Command::new("sync"), "sync");
+    m.unmount();
+    // Nothing of the filesystem stays cached: the read-back comes through the fabric.
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    let m = Mounted::new(&dev, mnt);
+    for (path, len, sum) in &files {
+        let got = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(got.len(), *len, "{}", path.display());
+        assert_eq!(
+            fnv64(&got),
+            *sum,
+            "{} differs after remount",
+            path.display()
+        );
+    }
+    m.unmount();
+    let fsck = run_ok(
+        Command::new("fsck.ext4").arg("-fn").arg(&dev),
+        "fsck.ext4 -fn",
+    );
+    // -n: exit status 0 only when the check found nothing to fix.
+    assert!(fsck.contains(" files ("), "{fsck}");
+    let o = host.disconnect();
+    assert!(o.status.success(), "{}", tb::text(&o));
+    let o = stop_target(t);
+    assert!(o.status.success(), "{}", tb::text(&o));
+    assert!(
+        stderr(&o).contains(" 0 payload bytes copied by the CPU"),
+        "{}",
+        tb::text(&o)
+    );
+}
+
+const UUID_B: &str = "0f8e4c2a-1d3b-4e5f-8a9b-0c1d2e3f4a5b";
+const NGUID_B: &str = "00112233445566778899aabbccddeeff";
+
+#[test]
+#[ignore = "skipped: no device (testbed test; run: cargo xtask test)"]
+fn testbed_nvmf_two_hosts_two_subsystems_concurrent_fio_verify() {
+    tb::require_testbed();
+    let port = 4425;
+    let (na, nb) = (nqn("two-a"), nqn("two-b"));
+    let (da, db) = (tb::drive("data3"), tb::drive("data2"));
+    let ns_b = format!("{},uuid={UUID_B},nguid={NGUID_B}", db.block.display());
+    let t = start_target_args(
+        port,
+        &[
+            "--nqn",
+            &na,
+            "--ns",
+            da.block.to_str().unwrap(),
+            "--allow-host",
+            HOSTNQN,
+            "--nqn",
+            &nb,
+            "--ns",
+            &ns_b,
+        ],
+    );
+    // Discovery lists both subsystems of the port.
+    let d = discover(port);
+    for n in [&na, &nb] {
+        assert!(d.contains(&format!("subnqn:  {n}")), "{n} missing:\n{d}");
+    }
+    // The allowed-hosts list belongs to the first subsystem only.
+    if let Ok(h) = Host::connect(port, &na, OTHER_HOSTNQN) {
+        panic!("{} connected to {na} although not allowed", h.dev.display());
+    }
+    let queues = ["--nr-io-queues", "2", "--queue-size", "128"];
+    let ha = Host::connect_with(port, &na, HOSTNQN, &queues)
+        .unwrap_or_else(|o| panic!("{}", tb::text(&o)));
+    let hb = Host::connect_with(port, &nb, OTHER_HOSTNQN, &queues)
+        .unwrap_or_else(|o| panic!("{}", tb::text(&o)));
+    for h in [&ha, &hb] {
+        let qc = std::fs::read_to_string(h.ctrl.join("queue_count")).unwrap();
+        assert_eq!(
+            qc.trim(),
+            "3",
+            "admin + 2 I/O queues on {}",
+            h.ctrl.display()
+        );
+        let sq = std::fs::read_to_string(h.ctrl.join("sqsize")).unwrap();
+        assert_eq!(sq.trim(), "127", "{}", h.ctrl.display());
+    }
+    // The configured IDs of B's namespace reach the host.
+    let sysfs = |h: &Host, attr: &str| {
+        std::fs::read_to_string(format!("/sys/block/{}/{attr}", block_name(&h.dev)))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    assert_eq!(sysfs(&hb, "uuid"), UUID_B);
+    assert_eq!(sysfs(&hb, "nguid").replace('-', ""), NGUID_B);
+    assert_ne!(sysfs(&ha, "nguid").replace('-', ""), NGUID_B);
+
+    let args = [
+        "--rw=randwrite",
+        "--bsrange=4k-128k",
+        "--iodepth=128",
+        "--iodepth_batch_submit=32",
+        "--size=24M",
+        "--offset=64M",
+    ];
+    let fa = tb::spawn(&mut fio_verify_cmd(&ha.dev, "host-a", &args));
+    let fb = tb::spawn(&mut fio_verify_cmd(&hb.dev, "host-b", &args));
+    let oa = tb::wait(fa, Duration::from_secs(900), "fio host a");
+    let ob = tb::wait(fb, Duration::from_secs(900), "fio host b");
+    fio_passed(&oa, "host a");
+    fio_passed(&ob, "host b");
+
+    for h in [ha, hb] {
+        let o = h.disconnect();
+        assert!(o.status.success(), "{}", tb::text(&o));
+    }
+    let o = stop_target(t);
+    assert!(o.status.success(), "{}", tb::text(&o));
+    let err = stderr(&o);
+    assert!(err.contains(&format!("subsystems {na}, {nb}")), "{err}");
+}
+
+#[test]
+fn target_cli_refuses_bad_combinations_with_exit_2() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--ns", "/dev/null", "--nqn", "nqn.a"], "before any --nqn"),
+        (
+            &["--nqn", "nqn.a", "--ns", "/dev/null", "--nqn", "nqn.b"],
+            "has no --ns",
+        ),
+        (
+            &[
+                "--nqn",
+                "nqn.a",
+                "--ns",
+                "/dev/null",
+                "--nqn",
+                "nqn.a",
+                "--ns",
+                "/dev/zero",
+            ],
+            "given twice",
+        ),
+        (&["--nqn", "nqn.a", "--ns", "/dev/null,uuid=xyz"], "uuid="),
+        (
+            &["--nqn", "nqn.a", "--ns", "/dev/null,color=red"],
+            "unknown namespace option",
+        ),
+    ];
+    for (args, want) in cases {
+        let o = tb::run(
+            Command::new(env!("CARGO_BIN_EXE_peerpipe"))
+                .args(["target", "--listen", "127.0.0.1"])
+                .args(*args),
+            Duration::from_secs(30),
+        );
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", tb::text(&o));
+        assert!(stderr(&o).contains(want), "{args:?}: {}", tb::text(&o));
+    }
+    let o = tb::run(
+        Command::new(env!("CARGO_BIN_EXE_peerpipe")).args(["target", "--help"]),
+        Duration::from_secs(30),
+    );
+    assert!(o.status.success());
+    assert!(
+        stdout(&o).contains("PATH[,uuid=UUID][,nguid=HEX32]"),
+        "{}",
+        tb::text(&o)
+    );
 }
 
 /// A crafted rdma_cm host: connects with raw private data, can post raw capsules.

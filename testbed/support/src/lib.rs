@@ -11,6 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+mod link;
+pub use link::{active_rxe_ports, gsi_qps_in_error, ip, LinkDown};
+
 /// Panics (fails the test) when not inside the testbed VM: these tests must never pass
 /// vacuously.
 pub fn require_testbed() {
