@@ -582,3 +582,37 @@ fn failed_source_read_is_never_written_to_any_replica() {
     assert!(out.contains(&PrimaryAction::Release { seq: 0 }));
     assert!(p.is_finished() && !p.outcome().success);
 }
+
+/// The replica's rule for a drive result: only a write of the whole block is `Ok`.
+#[test]
+fn short_write_is_a_failed_block_not_ok() {
+    let c = Config {
+        range_len: 3 * 4096 + 1024,
+        ..cfg(4, false)
+    };
+    let rep = replica(c, 4);
+    assert_eq!(rep.write_status(0, Ok(4096)), Status::Ok);
+    assert_eq!(
+        rep.write_status(3, Ok(1024)),
+        Status::Ok,
+        "short last block, whole"
+    );
+    let eio = Status::Errno(libc::EIO as u16);
+    assert_eq!(rep.write_status(0, Ok(4095)), eio);
+    assert_eq!(rep.write_status(0, Ok(0)), eio);
+    assert_eq!(
+        rep.write_status(3, Ok(4096)),
+        eio,
+        "more than the block is wrong too"
+    );
+    assert_eq!(rep.write_status(9, Ok(4096)), eio, "no such block");
+    assert_eq!(
+        rep.write_status(0, Err(Status::Nvme(0x0281))),
+        Status::Nvme(0x0281)
+    );
+    assert_eq!(
+        rep.write_status(0, Err(Status::Ok)),
+        eio,
+        "an error is never ok"
+    );
+}

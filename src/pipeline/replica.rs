@@ -253,6 +253,23 @@ impl ReplicaCore {
         self.advertise_free(out)
     }
 
+    /// The status to ack block `seq` with, given what the drive did: `Ok(bytes)` counts only
+    /// if it moved the whole block; a short write (fewer bytes, e.g. the end of a device or
+    /// an interrupted O_DIRECT write) fails the block with `EIO`, like any drive error
+    /// (`Err(status)`). Pass the result to [`ReplicaCore::on_write_done`].
+    pub fn write_status(&self, seq: u64, result: Result<usize, Status>) -> Status {
+        let want = self
+            .layout
+            .and_then(|l| l.block(seq))
+            .map(|b| b.len as usize);
+        match result {
+            Ok(n) if Some(n) == want => Status::Ok,
+            Ok(_) => Status::Errno(libc::EIO as u16),
+            Err(s) if s.is_ok() => Status::Errno(libc::EIO as u16),
+            Err(s) => s,
+        }
+    }
+
     /// A read-back for `--verify` finished. A result for a block whose read-back was not
     /// asked (an adapter bug) is dropped: the primary only accepts answers to its requests.
     pub fn on_readback_done(
