@@ -6,7 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::pipeline::{crc32c, CopyMeter, ReplicaAction, ReplicaCore};
-use crate::protocol::{Message, ProtocolError, Status, MSG_LEN};
+use crate::protocol::{Message, ProtocolError, ReplicaTarget, Status, MSG_LEN};
 use crate::rdma::{
     self, Listener, MemoryWindow, SendOp, SendRequest, WcOpcode, WcStatus, WindowAccess,
 };
@@ -214,7 +214,13 @@ impl ReplicaEngine {
         let block_max = cfg.block_size;
         let flush = drive.cache.volatile;
         let meter = CopyMeter::new();
-        let mut core = ReplicaCore::new(drive.capacity, slots.len());
+        // The hello is checked against this target's real size, LBA size and buffers.
+        let mut core = ReplicaCore::with_target(ReplicaTarget::new(
+            drive.capacity,
+            drive.lba,
+            slots.len() as u32,
+            block_max as u32,
+        ));
         let allowed = {
             let (off, len) = cfg.bounds;
             let end = len.map_or(drive.capacity, |l| {
