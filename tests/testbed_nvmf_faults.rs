@@ -11,9 +11,11 @@ use peerpipe_testbed as tb;
 mod nvmf_tb;
 use nvmf_tb::*;
 
-/// Objects of the target process in `rdma res show KIND` (qp, cq, mr, cm_id). rdma names
-/// the creating thread (pid = its thread id, comm = its name), and the target creates queue
-/// objects in its queue threads (`nvmf-qN`): count by name, with one target running.
+/// Userspace objects in `rdma res show KIND` (qp, cq, mr, cm_id): the target's, as it is the
+/// only userspace rdma user while this test runs (the kernel host's objects and the GSI QPs
+/// are the kernel's, `comm [name]`). Not matched by pid: rdma prints the creating thread
+/// (pid = its thread id), and no pid or comm at all once that thread has exited, which is
+/// exactly how an object a finished queue thread leaked would look.
 fn rdma_objects(kind: &str) -> usize {
     let o = tb::run(
         Command::new("rdma").args(["res", "show", kind]),
@@ -22,10 +24,7 @@ fn rdma_objects(kind: &str) -> usize {
     assert!(o.status.success(), "rdma res show {kind}: {}", tb::text(&o));
     stdout(&o)
         .lines()
-        .filter(|l| {
-            let comm = l.split_whitespace().skip_while(|w| *w != "comm").nth(1);
-            comm.is_some_and(|c| c == "peerpipe" || c.starts_with("nvmf-q"))
-        })
+        .filter(|l| (l.starts_with("link ") || l.starts_with("dev ")) && !l.contains(" comm ["))
         .count()
 }
 
@@ -106,6 +105,7 @@ fn testbed_nvmf_link_down_mid_io_frees_the_controller_and_host_reconnects() {
     // its chunks (kept for reuse) and registers them; the queues go away on disconnect.
     let host = Host::connect(PORT, &n, HOSTNQN).unwrap_or_else(|o| panic!("{}", tb::text(&o)));
     let connected = held();
+    eprintln!("held with a host connected: {connected:?}");
     assert!(
         connected.qp > before_any.qp && connected.cm_id > before_any.cm_id,
         "a connected host holds queues: {connected:?}"
