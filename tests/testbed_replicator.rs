@@ -684,6 +684,12 @@ fn testbed_replicator_protocol_error_during_read_back_exits_cleanly() {
             m => panic!("unexpected {m:?}"),
         }
     };
+    // The advertised address is offset-based (a pool chunk's (index + 1) << 32 plus the
+    // buffer's offset in it), not the replica's virtual address.
+    assert!(
+        (1..4096).contains(&(raddr >> 32)) && (raddr & 0xffff_ffff) < 64 << 20,
+        "advertised address {raddr:#x} looks like a virtual address"
+    );
     let sent = Message::BlockSent {
         seq: 0,
         offset: 0,

@@ -23,6 +23,9 @@ pub struct MemoryRegion {
 pub(crate) struct MrInner {
     mr: *mut ibv_mr,
     addr: usize,
+    /// The address peers and memory windows name the region by (the virtual address, unless
+    /// registered with an explicit IOVA).
+    iova: u64,
     len: usize,
     access: Access,
     pd: ProtectionDomain,
@@ -112,6 +115,57 @@ impl MemoryRegion {
         unsafe { Self::register_with_owner(pd, ptr, len, access, kind, None) }
     }
 
+    /// Like [`register_raw`](Self::register_raw), but peers (and memory windows bound over
+    /// the region) address it by `iova` instead of its virtual address
+    /// (`ibv_reg_mr_iova`), so what is handed out reveals nothing of this process's address
+    /// layout. `iova` must have the same offset within a page as `ptr`.
+    ///
+    /// # Safety
+    /// As for [`register_raw`](Self::register_raw).
+    ///
+    /// # Errors
+    /// As for `register_raw`, with `ibv_reg_mr_iova` as the operation; EINVAL also for an
+    /// `iova` whose page offset differs from `ptr`'s.
+    pub unsafe fn register_raw_iova(
+        pd: &ProtectionDomain,
+        ptr: *mut u8,
+        len: usize,
+        iova: u64,
+        access: Access,
+        kind: MemoryKind,
+    ) -> Result<MemoryRegion> {
+        if len == 0 || (iova ^ ptr as u64) & 0xfff != 0 {
+            return Err(Error::InvalidArgument {
+                op: "ibv_reg_mr_iova",
+                reason: format!(
+                    "length {len}, iova {iova:#x} for address {:#x}: a non-empty range with                      the same page offset is required",
+                    ptr as usize
+                ),
+            });
+        }
+        // SAFETY: valid PD; the range is the caller's responsibility.
+        let mr = unsafe { ibv_reg_mr_iova(pd.raw(), ptr.cast(), len, iova, access.bits() as i32) };
+        if mr.is_null() {
+            let errno = crate::error::last_errno();
+            let mapping = match kind {
+                MemoryKind::Host => None,
+                _ => mapping_path(ptr as usize),
+            };
+            return Err(reg_mr_error(errno, kind, ptr as usize, len, mapping));
+        }
+        Ok(MemoryRegion {
+            inner: Arc::new(MrInner {
+                mr,
+                addr: ptr as usize,
+                iova,
+                len,
+                access,
+                pd: pd.clone(),
+                owner: None,
+            }),
+        })
+    }
+
     /// Like [`register_raw`](Self::register_raw), and keeps `owner` (e.g. a mapping guard that
     /// unmaps on drop) alive until after deregistration.
     ///
@@ -148,6 +202,7 @@ impl MemoryRegion {
             inner: Arc::new(MrInner {
                 mr,
                 addr: ptr as usize,
+                iova: ptr as u64,
                 len,
                 access,
                 pd: pd.clone(),
@@ -252,6 +307,7 @@ impl MemoryRegion {
             inner: Arc::new(MrInner {
                 mr,
                 addr: iova as usize,
+                iova,
                 len,
                 access,
                 pd: pd.clone(),
@@ -263,6 +319,12 @@ impl MemoryRegion {
     /// Start address (also the address peers use: regions are registered with iova = address).
     pub fn addr(&self) -> u64 {
         self.inner.addr as u64
+    }
+    /// The address peers and memory windows name this region by: [`addr`](Self::addr),
+    /// unless it was registered with an explicit IOVA
+    /// ([`register_raw_iova`](Self::register_raw_iova)).
+    pub fn iova(&self) -> u64 {
+        self.inner.iova
     }
     pub fn as_ptr(&self) -> *mut u8 {
         self.inner.addr as *mut u8
@@ -294,7 +356,7 @@ impl MemoryRegion {
     /// The whole region as a remote buffer advertisement (meaningful with remote rights).
     pub fn remote(&self) -> RemoteBuf {
         RemoteBuf {
-            addr: self.addr(),
+            addr: self.iova(),
             len: self.len() as u32,
             rkey: self.rkey(),
         }
@@ -411,8 +473,9 @@ impl Sge {
         &self.mr
     }
     pub(crate) fn raw(&self) -> ibv_sge {
+        // Local access names the region by its IOVA too (the VA unless registered with one).
         ibv_sge {
-            addr: self.mr.addr() + self.offset as u64,
+            addr: self.mr.iova() + self.offset as u64,
             length: self.len,
             lkey: self.mr.lkey(),
         }

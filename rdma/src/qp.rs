@@ -525,7 +525,7 @@ impl QueuePair {
                         rkey: next,
                         bind_info: ibv_mw_bind_info {
                             mr: mr.raw(),
-                            addr: mr.addr() + offset,
+                            addr: mr.iova() + offset,
                             length: *len,
                             mw_access_flags: access.bits(),
                         },

@@ -148,7 +148,7 @@ impl Link {
             let c = Connector::resolve(bind, dst, timeout).map_err(|e| err("resolve", e))?;
             let (pd, cq, recv) = resources(c.context(), wait)?;
             // SAFETY: the regions live in the Link, which the engine drops before its slots.
-            let mrs = unsafe { slots.register(&pd, Access::local_read().local_write())? };
+            let mrs = unsafe { slots.register(&pd, Access::local_read().local_write(), false)? };
             let init = QpInit::new(&pd, &cq).caps(caps());
             let nonce_p = auth::nonce()?;
             let pd_out = secret.map_or(Vec::new(), |_| auth::request(&nonce_p));
@@ -194,7 +194,9 @@ impl Link {
     ) -> Result<Link, EngineError> {
         let (pd, cq, recv) = resources(req.context(), wait)?;
         // SAFETY: the regions live in the Link, which the engine drops before its slots.
-        let mrs = unsafe { slots.register(&pd, Access::local_read().local_write().mw_bind())? };
+        // Offset-based addresses: the windows the primary writes through name no VA of ours.
+        let mrs =
+            unsafe { slots.register(&pd, Access::local_read().local_write().mw_bind(), true)? };
         let init = QpInit::new(&pd, &cq).caps(caps());
         let conn = req
             .accept_with(&init, &params(timeout, private_data), |qp| {

@@ -284,7 +284,7 @@ impl ReplicaEngine {
                         link.queue(bind);
                         link.queue_msg(&Message::BufferReady {
                             seq,
-                            addr: slots.ptr(slot) as u64,
+                            addr: slots.remote_addr(slot),
                             rkey,
                             len,
                         });

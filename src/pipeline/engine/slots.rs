@@ -36,7 +36,6 @@ impl fmt::Display for BufferInfo {
 
 /// Where a slot's memory is, kept while its buffer is lent to a drive operation.
 struct SlotMeta {
-    addr: usize,
     len: usize,
     chunk_id: u32,
     offset_in_chunk: usize,
@@ -181,7 +180,6 @@ impl Slots {
                 source,
             })?;
             meta.push(SlotMeta {
-                addr: b.addr() as usize,
                 len: b.len(),
                 chunk_id: b.chunk_id(),
                 offset_in_chunk: b.offset_in_chunk(),
@@ -198,12 +196,6 @@ impl Slots {
 
     pub(crate) fn len(&self) -> usize {
         self.bufs.len()
-    }
-
-    /// Start address of slot `i` (for RDMA descriptors and the wire; the memory stays mapped
-    /// while the pool lives, whoever holds the buffer).
-    pub(crate) fn ptr(&self, i: usize) -> *mut u8 {
-        self.meta[i].addr as *mut u8
     }
 
     /// The pool chunk slot `i` lies in (its memory region) and its offset there.
@@ -270,7 +262,16 @@ impl Slots {
         }
     }
 
-    /// Registers every chunk of the pool once with `pd`; returns chunk id -> region.
+    /// The address a peer names slot `i` by when the chunks are registered with
+    /// `offsets` (see [`Slots::register`]).
+    pub(crate) fn remote_addr(&self, i: usize) -> u64 {
+        chunk_iova(self.meta[i].chunk_id) + self.meta[i].offset_in_chunk as u64
+    }
+
+    /// Registers every chunk of the pool once with `pd`; returns chunk id -> region. With
+    /// `offsets`, peers name each chunk by an offset-based address ([`chunk_iova`]) instead of
+    /// its virtual address, so what a replica advertises reveals nothing of its address
+    /// layout.
     ///
     /// # Safety
     /// The caller drops every returned region before these slots (the chunks stay mapped
@@ -282,6 +283,7 @@ impl Slots {
         &self,
         pd: &ProtectionDomain,
         access: Access,
+        offsets: bool,
     ) -> Result<HashMap<u32, MemoryRegion>, EngineError> {
         let kind = match self.info.kind {
             BufferChoice::P2p => MemoryKind::Peer,
@@ -291,13 +293,25 @@ impl Slots {
         for c in self.pool.chunks() {
             // SAFETY: the chunk stays mapped while the pool lives; the caller drops the region
             // before the slots (this function's contract).
-            let mr =
-                unsafe { MemoryRegion::register_raw(pd, c.addr as *mut u8, c.len, access, kind) }
-                    .map_err(|e| {
-                    EngineError::rdma(format!("registering {} chunk {}", self.info.kind, c.id), e)
-                })?;
+            let ptr = c.addr as *mut u8;
+            let mr = unsafe {
+                if offsets {
+                    MemoryRegion::register_raw_iova(pd, ptr, c.len, chunk_iova(c.id), access, kind)
+                } else {
+                    MemoryRegion::register_raw(pd, ptr, c.len, access, kind)
+                }
+            }
+            .map_err(|e| {
+                EngineError::rdma(format!("registering {} chunk {}", self.info.kind, c.id), e)
+            })?;
             out.insert(c.id, mr);
         }
         Ok(out)
     }
+}
+
+/// The offset-based address of pool chunk `id`: chunk `id` starts at `(id + 1) << 32` (a chunk
+/// is at most 64 MiB; the `+ 1` keeps 0 unused).
+pub(crate) fn chunk_iova(id: u32) -> u64 {
+    (u64::from(id) + 1) << 32
 }
