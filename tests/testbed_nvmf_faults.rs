@@ -179,6 +179,17 @@ fn testbed_nvmf_link_down_mid_io_frees_the_controller_and_host_reconnects() {
         "the target gives back the faulted controller's queues, regions and p2pmem"
     );
     assert!(!t.has_exited(), "the target died: {}", t.so_far());
+    // Every queue that came up (warm-up and faulted sessions) has ended, and the faulted
+    // controller was torn down by the target, not merely abandoned.
+    let log = t.so_far();
+    let ends = log.matches("queue closed").count() + log.matches("queue torn down").count();
+    assert_eq!(log.matches("queue up").count(), ends, "{log}");
+    let reasons: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("queue torn down") || l.contains("keep-alive expired"))
+        .collect();
+    assert!(!reasons.is_empty(), "no teardown logged: {log}");
+    eprintln!("target teardown:\n{}", reasons.join("\n"));
 
     // The fabric comes back; a device whose GSI QP the fault left in ERR is recreated. If that
     // is the target's (rxe1), the target must let go of it first: restart it then.
