@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Plot 4 KiB randread IOPS against queue depth from nvmf-bench.sh output.
 
-usage: plot-nvmf.py NVMF-BENCH-OUTPUT OUT.svg
+usage: plot-nvmf.py NVMF-BENCH-OUTPUT... OUT.svg
 
-Reads the `RESULT phase=sweep ...` lines: one line per target, the median IOPS of the runs at
+Reads the `RESULT phase=sweep ...` lines of one or more runs of the script (several VM boots
+are pooled): one line per target, the median IOPS of the runs at
 each queue depth, and a vertical bar from the lowest to the highest run. The queue depth axis
 is logarithmic (1, 2, 4, ...). Plain SVG, no dependencies.
 """
@@ -37,8 +38,9 @@ def svg(runs, title):
     if not qds:
         sys.exit("no RESULT phase=sweep lines found")
     ymax = max(v for t in runs.values() for vs in t.values() for v in vs)
-    step = 10 ** math.floor(math.log10(ymax * 1.1)) if ymax > 0 else 1
-    ymax = math.ceil(ymax * 1.1 / step) * step or 1
+    # round the top up to a multiple of 5 units of the next decade down (2263 -> 2500)
+    unit = 5 * 10 ** (math.floor(math.log10(ymax * 1.05)) - 1) if ymax > 0 else 1
+    ymax = math.ceil(ymax * 1.05 / unit) * unit or 1
     W, H, L, R, T, B = 780, 440, 70, 250, 44, 60
     pw, ph = W - L - R, H - T - B
     lo, hi = math.log2(qds[0]), math.log2(qds[-1])
@@ -89,11 +91,11 @@ def svg(runs, title):
 
 
 def main():
-    if len(sys.argv) != 3:
+    if len(sys.argv) < 3:
         sys.exit(__doc__)
-    runs = parse(open(sys.argv[1]).read())
+    runs = parse("\n".join(open(f).read() for f in sys.argv[1:-1]))
     title = "NVMe-oF targets: IOPS vs queue depth (testbed VM, QEMU TCG, rxe)"
-    open(sys.argv[2], "w").write(svg(runs, title))
+    open(sys.argv[-1], "w").write(svg(runs, title))
 
 
 if __name__ == "__main__":
