@@ -72,7 +72,7 @@ done
 nvme list-subsys | sed -n '1,12p'
 echo "== fio through $fdev (kernel nvme-rdma host -> peerpipe target), crc32c verify"
 fio --name=demo --filename="$fdev" --ioengine=io_uring --direct=1 --rw=randwrite --bs=64k \
-  --size=8M --iodepth=8 --verify=crc32c --do_verify=1 --output=/tmp/fio.log
+  --size=8M --iodepth=8 --verify=crc32c --do_verify=1 --verify_state_save=0 --output=/tmp/fio.log
 grep -E "WRITE:|READ:" /tmp/fio.log; echo "fio: written and verified through the fabric"
 echo "== the same 8 MiB read from the fabrics device and straight from $r1"
 cmp <(dd if="$fdev" bs=1M count=8 iflag=direct status=none) <(dd if="$r1" bs=1M count=8 iflag=direct status=none) && echo "cmp: identical"
