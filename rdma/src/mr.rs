@@ -134,36 +134,8 @@ impl MemoryRegion {
         access: Access,
         kind: MemoryKind,
     ) -> Result<MemoryRegion> {
-        if len == 0 || (iova ^ ptr as u64) & 0xfff != 0 {
-            return Err(Error::InvalidArgument {
-                op: "ibv_reg_mr_iova",
-                reason: format!(
-                    "length {len}, iova {iova:#x} for address {:#x}: a non-empty range with                      the same page offset is required",
-                    ptr as usize
-                ),
-            });
-        }
-        // SAFETY: valid PD; the range is the caller's responsibility.
-        let mr = unsafe { ibv_reg_mr_iova(pd.raw(), ptr.cast(), len, iova, access.bits() as i32) };
-        if mr.is_null() {
-            let errno = crate::error::last_errno();
-            let mapping = match kind {
-                MemoryKind::Host => None,
-                _ => mapping_path(ptr as usize),
-            };
-            return Err(reg_mr_error(errno, kind, ptr as usize, len, mapping));
-        }
-        Ok(MemoryRegion {
-            inner: Arc::new(MrInner {
-                mr,
-                addr: ptr as usize,
-                iova,
-                len,
-                access,
-                pd: pd.clone(),
-                owner: None,
-            }),
-        })
+        // SAFETY: forwarded to the caller's contract.
+        unsafe { Self::register_inner(pd, ptr, len, Some(iova), access, kind, None) }
     }
 
     /// Like [`register_raw`](Self::register_raw), and keeps `owner` (e.g. a mapping guard that
@@ -182,14 +154,52 @@ impl MemoryRegion {
         kind: MemoryKind,
         owner: Option<Box<dyn Send + Sync>>,
     ) -> Result<MemoryRegion> {
+        // SAFETY: forwarded to the caller's contract.
+        unsafe { Self::register_inner(pd, ptr, len, None, access, kind, owner) }
+    }
+
+    /// `ibv_reg_mr`, or `ibv_reg_mr_iova` with an `iova`.
+    ///
+    /// # Safety
+    /// As for [`register_with_owner`](Self::register_with_owner).
+    unsafe fn register_inner(
+        pd: &ProtectionDomain,
+        ptr: *mut u8,
+        len: usize,
+        iova: Option<u64>,
+        access: Access,
+        kind: MemoryKind,
+        owner: Option<Box<dyn Send + Sync>>,
+    ) -> Result<MemoryRegion> {
+        let op = if iova.is_some() {
+            "ibv_reg_mr_iova"
+        } else {
+            "ibv_reg_mr"
+        };
         if len == 0 {
             return Err(Error::InvalidArgument {
-                op: "ibv_reg_mr",
+                op,
                 reason: "zero length".into(),
             });
         }
+        if iova.is_some_and(|v| (v ^ ptr as u64) & 0xfff != 0) {
+            return Err(Error::InvalidArgument {
+                op,
+                reason: format!(
+                    "iova {:#x} and address {:#x} differ in their offset within a page",
+                    iova.unwrap_or_default(),
+                    ptr as usize
+                ),
+            });
+        }
+        let flags = access.bits() as i32;
         // SAFETY: valid PD; the range is the caller's responsibility.
-        let mr = unsafe { ibv_reg_mr(pd.raw(), ptr.cast(), len, access.bits() as i32) };
+        let mr = unsafe {
+            match iova {
+                Some(v) => ibv_reg_mr_iova(pd.raw(), ptr.cast(), len, v, flags),
+                None => ibv_reg_mr(pd.raw(), ptr.cast(), len, flags),
+            }
+        };
         if mr.is_null() {
             let errno = crate::error::last_errno();
             let mapping = match kind {
@@ -202,7 +212,7 @@ impl MemoryRegion {
             inner: Arc::new(MrInner {
                 mr,
                 addr: ptr as usize,
-                iova: ptr as u64,
+                iova: iova.unwrap_or(ptr as u64),
                 len,
                 access,
                 pd: pd.clone(),
