@@ -196,6 +196,8 @@ impl PrimaryEngine {
         // acked (the core decides; these only say whom the run waits for).
         let mut advertised: Vec<HashSet<u64>> = vec![HashSet::new(); n];
         let mut unacked: Vec<HashSet<u64>> = vec![HashSet::new(); n];
+        // Per replica: read-backs asked for (verify) and not answered yet.
+        let mut verifying: Vec<HashSet<u64>> = vec![HashSet::new(); n];
         // Blocks whose source read completed and that are not released yet.
         let mut read_done: HashSet<u64> = HashSet::new();
         let mut pacer = Pacer::new(cfg.rate, t0);
@@ -218,6 +220,9 @@ impl PrimaryEngine {
                 match a {
                     PrimaryAction::Send { replica, msg } => {
                         if links[replica].alive {
+                            if let Message::VerifyRequest { seq } = msg {
+                                verifying[replica].insert(seq);
+                            }
                             links[replica].queue_msg(&msg);
                         }
                     }
@@ -376,10 +381,14 @@ impl PrimaryEngine {
                                 match links[r].take_recv(wc.wr_id) {
                                     Ok(b) => {
                                         let m = &b[..wc.byte_len.min(MSG_LEN as u32) as usize];
-                                        if let Ok(Message::BufferReady { seq, .. }) =
-                                            Message::decode(m)
-                                        {
-                                            advertised[r].insert(seq);
+                                        match Message::decode(m) {
+                                            Ok(Message::BufferReady { seq, .. }) => {
+                                                advertised[r].insert(seq);
+                                            }
+                                            Ok(Message::VerifyResult { seq, .. }) => {
+                                                verifying[r].remove(&seq);
+                                            }
+                                            _ => {}
                                         }
                                         core.on_message(r, m, &mut out)
                                     }
@@ -413,8 +422,10 @@ impl PrimaryEngine {
                 }
                 // Acks it owes for blocks written to it...
                 unacked[r].retain(|&seq| core.state(seq, r) == Some(BlockState::Sent));
-                // ...and buffers for blocks read and waiting to be sent.
+                // ...read-back answers (verify), and buffers for blocks read and waiting to
+                // be sent.
                 let owes = !unacked[r].is_empty()
+                    || !verifying[r].is_empty()
                     || read_done.iter().any(|&seq| {
                         core.state(seq, r) == Some(BlockState::Pending)
                             && !advertised[r].contains(&seq)
