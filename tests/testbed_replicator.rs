@@ -113,6 +113,24 @@ fn replica(listen: &str, target: &Path, bufs: &str) -> tb::Watched {
     )
 }
 
+/// A replica with host buffers that takes the first peer as its primary (for crafted peers,
+/// which do not authenticate).
+fn open_replica(listen: &str, target: &Path) -> tb::Watched {
+    let target = target.to_str().expect("utf-8 path");
+    replica_with(
+        &[
+            "--listen",
+            listen,
+            "--target",
+            target,
+            "--buffers",
+            "host",
+            "--insecure-any-primary",
+        ],
+        &format!("replica {listen}"),
+    )
+}
+
 /// Fault tests run 64 MiB (1024 blocks of 64 KiB) read at most 4 MiB/s, so at least 16 s
 /// long on any machine, and inject their fault once the primary reports FAULT_AFTER blocks
 /// acked: the fault lands mid-run by construction, not by the machine's speed, and each
@@ -414,18 +432,7 @@ fn testbed_replicator_rejects_malformed_message_from_crafted_peer() {
     let (a0, a1) = tb::addrs();
     let dev = tb::drive("data2").block;
     let addr = format!("{a1}:7495");
-    let kid = replica_with(
-        &[
-            "--listen",
-            &addr,
-            "--target",
-            dev.to_str().expect("utf-8 path"),
-            "--buffers",
-            "host",
-            "--insecure-any-primary",
-        ],
-        "replica",
-    );
+    let kid = open_replica(&addr, &dev);
     // The replica printed that it listens: one connect attempt is enough.
     let c = Connector::resolve(
         Some(a0.parse().unwrap()),
@@ -607,18 +614,7 @@ fn testbed_replicator_protocol_error_during_read_back_exits_cleanly() {
     let (a0, a1) = tb::addrs();
     let dev = tb::drive("data2").block;
     let addr = format!("{a1}:7506");
-    let kid = replica_with(
-        &[
-            "--listen",
-            &addr,
-            "--target",
-            dev.to_str().unwrap(),
-            "--buffers",
-            "host",
-            "--insecure-any-primary",
-        ],
-        "replica",
-    );
+    let kid = open_replica(&addr, &dev);
     let c = Connector::resolve(
         Some(a0.parse().unwrap()),
         addr.parse().unwrap(),
