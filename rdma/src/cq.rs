@@ -67,7 +67,39 @@ impl CompletionChannel {
     fn raw(&self) -> *mut ibv_comp_channel {
         self.inner.ch
     }
+
+    /// Consumes one pending event, if any, acknowledges it, and says which CQ it was for
+    /// (compare with [`CompletionQueue::id`]): the way to serve several CQs that share one
+    /// channel. Returns `None` when no event is pending (the fd is non-blocking).
+    ///
+    /// # Errors
+    /// `Verbs { op: "ibv_get_cq_event" }`.
+    pub fn take_event(&self) -> Result<Option<CqId>> {
+        let mut cq: *mut ibv_cq = std::ptr::null_mut();
+        let mut ctx: *mut libc::c_void = std::ptr::null_mut();
+        // SAFETY: valid channel; non-blocking fd so this returns EAGAIN when empty.
+        let rc = unsafe { ibv_get_cq_event(self.raw(), &mut cq, &mut ctx) };
+        if rc != 0 {
+            let errno = crate::error::last_errno();
+            if errno == libc::EAGAIN {
+                return Ok(None);
+            }
+            return Err(Error::Verbs {
+                op: "ibv_get_cq_event",
+                errno,
+            });
+        }
+        // Acknowledge at once so destroying the CQ never waits for unacked events.
+        // SAFETY: cq is the CQ the event belongs to; it is alive, since it holds this channel.
+        unsafe { ibv_ack_cq_events(cq, 1) };
+        Ok(Some(CqId(cq as usize)))
+    }
 }
+
+/// Which completion queue a channel event was for ([`CompletionChannel::take_event`],
+/// [`CompletionQueue::id`]); only an identity, it cannot reach the CQ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CqId(usize);
 
 pub(crate) fn set_nonblocking(fd: RawFd) -> Result<()> {
     // SAFETY: fcntl on an fd we own.
@@ -286,6 +318,11 @@ impl CompletionQueue {
     /// The device.
     pub fn context(&self) -> &Context {
         &self.inner.ctx
+    }
+
+    /// This CQ's identity, as [`CompletionChannel::take_event`] reports it.
+    pub fn id(&self) -> CqId {
+        CqId(self.inner.cq as usize)
     }
 
     /// The completion channel, if any.

@@ -41,7 +41,9 @@ mod wr;
 
 pub use access::{Access, WindowAccess};
 pub use cm::{CmEvent, CmEventKind, ConnParams, ConnectRequest, Connection, Connector, Listener};
-pub use cq::{Completion, CompletionChannel, CompletionQueue, WcOpcode, EMPTY as EMPTY_COMPLETION};
+pub use cq::{
+    Completion, CompletionChannel, CompletionQueue, CqId, WcOpcode, EMPTY as EMPTY_COMPLETION,
+};
 pub use device::{
     device_names, mtu_bytes, Context, DeviceAttributes, GidEntry, GidType, PortAttributes,
     PortState,

@@ -425,9 +425,10 @@ impl QueueIo {
                     op: "setup",
                     source,
                 })?;
-        // Each operation goes to the device when queued: the queue loop may stay busy with
-        // RDMA work for a while before it next waits in the ring.
-        ring.set_submit_batch(1);
+        // Operations are queued, and go to the device in the queue loop's next
+        // `io_uring_enter`: its wait, or its reap after a few busy turns of RDMA work. One
+        // system call submits the turn's I/O and sleeps.
+        ring.set_submit_batch(0);
         let mut targets = Vec::with_capacity(backends.len());
         for b in backends {
             targets.push((b.add_to(&mut ring)?, b.geometry.lba_size as usize));

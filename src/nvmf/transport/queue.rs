@@ -9,10 +9,18 @@
 //! command's response is sent, so the host, which sends its next command only after a
 //! response, always finds a posted receive.
 //!
-//! Waiting: the CQ's completion channel fd and the connection's rdma_cm event fd are polled in
-//! the queue's io_uring next to the backend I/O; the CQ is re-armed and polled once more before
-//! each sleep (the replicator engine's race rule), and sleeps are bounded (100 ms) so a kill
-//! from the listener is seen promptly.
+//! Waiting: receives and sends complete on two CQs sharing one completion channel, whose fd and
+//! the connection's rdma_cm event fd are polled in the queue's io_uring next to the backend
+//! I/O. A CQ is re-armed and polled once more before each sleep (the replicator engine's race
+//! rule), and sleeps are bounded (100 ms) so a kill from the listener is seen promptly.
+//!
+//! The receive CQ is always armed before a sleep: a new command must wake the queue. The send
+//! CQ is armed only when the queue waits for it: an RDMA READ in flight (host write data), or
+//! a command parked for pool memory or a READ credit. Otherwise SEND completions (which only
+//! free the command's buffer) are reaped at the next wake-up, so a read command costs two
+//! wake-ups (its capsule, its backend completion), not three. Per wake-up the queue makes one
+//! `io_uring_enter` that submits what is queued and sleeps, and reads the channel or rdma_cm
+//! fd only when its poll fired.
 
 use std::collections::VecDeque;
 use std::os::fd::BorrowedFd;
@@ -25,8 +33,9 @@ use crate::nvmf::transport::{DeviceRes, QueueCtl, Shared};
 use crate::nvmf::{cm_accept_data, CmReject, CmRequest, QueueCore, SQE_LEN};
 use crate::p2p_alloc::Buffer;
 use crate::rdma::{
-    self, Access, CompletionChannel, CompletionQueue, ConnParams, ConnectRequest, Connection,
-    MemoryRegion, QpCaps, QpInit, RecvRequest, WcOpcode, WcStatus, EMPTY_COMPLETION,
+    self, Access, Completion, CompletionChannel, CompletionQueue, ConnParams, ConnectRequest,
+    Connection, MemoryRegion, QpCaps, QpInit, RecvRequest, SendRequest, WcOpcode, WcStatus,
+    EMPTY_COMPLETION,
 };
 use crate::uring::{self, PollId};
 
@@ -42,6 +51,8 @@ const WR_KIND: u64 = 0xf << 60;
 /// Ring tags of the queue's polls (backend I/O is tagged with the command index).
 const POLL_CQ: u64 = 1 << 63;
 const POLL_CM: u64 = (1 << 63) | 1;
+/// Turns of the loop that may take RDMA completions before the ring is reaped.
+const BUSY_TURNS: u32 = 4;
 /// The longest sleep of an idle queue (bounds how late a kill is noticed).
 const IDLE_WAIT: Duration = Duration::from_millis(100);
 
@@ -79,14 +90,23 @@ enum End {
 
 struct Queue<'a> {
     // Field order is drop order: the QP goes first (the NIC stops using the buffers), then
-    // the CQ, the ring (waits for backend I/O), and the buffers.
+    // the CQs, the ring (waits for backend I/O), and the buffers.
     conn: Connection,
-    cq: CompletionQueue,
+    /// Receive completions (command capsules).
+    rcq: CompletionQueue,
+    /// Send-queue completions: RDMA READs, response SENDs (RDMA WRITEs are unsignaled).
+    scq: CompletionQueue,
     io: QueueIo,
+    /// The channel both CQs report to (after the ring, which may hold a poll on its fd).
+    channel: CompletionChannel,
     sqes: MemoryRegion,
     recv_data: Vec<Option<Buffer>>,
     cmds: Vec<Option<Cmd>>,
     free: Vec<usize>,
+    /// Send-queue work requests queued by this turn of the loop ([`Queue::flush_sends`]).
+    sends: Vec<SendRequest>,
+    /// Turns of the loop in a row that found RDMA completions without reaping the ring.
+    busy_turns: u32,
     parked: VecDeque<usize>,
     reads_out: u32,
     max_reads: u32,
@@ -97,7 +117,11 @@ struct Queue<'a> {
     qid: u16,
     cq_poll: Option<PollId>,
     cm_poll: Option<PollId>,
-    armed: bool,
+    /// The receive / send CQ is armed (its event not yet taken).
+    rarmed: bool,
+    sarmed: bool,
+    /// The rdma_cm fd polled readable: read its events.
+    cm_ready: bool,
 }
 
 /// The queue thread's body: accept, serve, tear down. Errors are logged (they end only this
@@ -129,7 +153,9 @@ pub(crate) fn run(req: ConnectRequest, cm: CmRequest, shared: &Arc<Shared>, ctl:
 /// What a queue needs before it accepts.
 struct Prepared {
     dev: Arc<DeviceRes>,
-    cq: CompletionQueue,
+    rcq: CompletionQueue,
+    scq: CompletionQueue,
+    channel: CompletionChannel,
     io: QueueIo,
     sqes: MemoryRegion,
     recv_data: Vec<Option<Buffer>>,
@@ -141,9 +167,14 @@ struct Prepared {
 
 impl Prepared {
     /// Receive slots for `hsqsize + 1` commands (64 + inline bytes each; inline 0 on the
-    /// admin queue), a CQ on a completion channel, the send queue for a READ or a WRITE plus
-    /// SEND per command, the backend ring, and the initiator depth: min(the host's responder
-    /// resources, the device's max_qp_init_rd_atom).
+    /// admin queue), a receive CQ and a send CQ on one completion channel, the send queue for
+    /// a READ or a WRITE plus SEND per command, the backend ring, and the initiator depth:
+    /// min(the host's responder resources, the device's max_qp_init_rd_atom).
+    ///
+    /// The send CQ is polled until empty at every turn of the loop, and one turn posts at
+    /// most two signaled work requests (READ, SEND) per command it handles: 32 capsules, 32
+    /// send completions and up to `2n` backend completions, plus `n` resumed commands. It is
+    /// sized for that, so it cannot overrun even while unarmed.
     fn new(req: &ConnectRequest, cm: &CmRequest, shared: &Shared) -> Result<Prepared, QueueError> {
         let ctx = req.context().clone();
         let attr = ctx.attributes().map_err(rdma_err("ibv_query_device"))?;
@@ -155,8 +186,11 @@ impl Prepared {
             shared.core.inline_data_size() as usize
         };
         let max_send = (3 * n as u32 + 16).min(attr.max_qp_wr);
-        let ch = CompletionChannel::new(&ctx).map_err(rdma_err("ibv_create_comp_channel"))?;
-        let cq = CompletionQueue::with_channel(&ctx, max_send + n as u32 + 16, &ch)
+        let channel = CompletionChannel::new(&ctx).map_err(rdma_err("ibv_create_comp_channel"))?;
+        let rcq = CompletionQueue::with_channel(&ctx, n as u32 + 16, &channel)
+            .map_err(rdma_err("ibv_create_cq"))?;
+        let scq_len = (2 * (32 + 32 + 3 * n as u32) + 32).max(max_send + 16);
+        let scq = CompletionQueue::with_channel(&ctx, scq_len, &channel)
             .map_err(rdma_err("ibv_create_cq"))?;
         let sqes = MemoryRegion::alloc(&dev.pd, n * SQE_LEN, Access::local_read().local_write())
             .map_err(rdma_err("receive buffers"))?;
@@ -170,7 +204,9 @@ impl Prepared {
                 None
             });
         }
-        let init = QpInit::new(&dev.pd, &cq).caps(QpCaps {
+        let mut init = QpInit::new(&dev.pd, &rcq);
+        init.send_cq = scq.clone();
+        let init = init.caps(QpCaps {
             max_send_wr: max_send,
             max_recv_wr: n as u32,
             max_send_sge: 1,
@@ -195,7 +231,9 @@ impl Prepared {
             .map_err(|e| QueueError::Resources(format!("backend ring: {e}")))?;
         Ok(Prepared {
             dev,
-            cq,
+            rcq,
+            scq,
+            channel,
             io,
             sqes,
             recv_data,
@@ -231,12 +269,16 @@ impl<'a> Queue<'a> {
             .map_err(rdma_err("rdma_accept"))?;
         Ok(Queue {
             conn,
-            cq: p.cq,
+            rcq: p.rcq,
+            scq: p.scq,
+            channel: p.channel,
             io: p.io,
             sqes: p.sqes,
             recv_data: p.recv_data,
             cmds: Vec::new(),
             free: Vec::new(),
+            sends: Vec::new(),
+            busy_turns: 0,
             parked: VecDeque::new(),
             reads_out: 0,
             max_reads: p.max_reads,
@@ -247,7 +289,9 @@ impl<'a> Queue<'a> {
             qid: cm.qid,
             cq_poll: None,
             cm_poll: None,
-            armed: false,
+            rarmed: false,
+            sarmed: false,
+            cm_ready: false,
         })
     }
 
@@ -258,30 +302,34 @@ impl<'a> Queue<'a> {
             if self.ctl.kill.load(Ordering::Acquire) {
                 return Ok(End::Killed);
             }
-            let n = self.cq.poll(&mut wcs).map_err(rdma_err("ibv_poll_cq"))?;
-            for wc in &wcs[..n] {
-                self.on_wc(wc)?;
-            }
+            let n = self.poll_cqs(&mut wcs)?;
+            self.flush_sends()?;
             // Connect (on_command or on_data) names the controller: publish it for the
             // listener's keep-alive teardown.
             if let Some(c) = self.core.cntlid() {
                 self.ctl.cntlid.store(u32::from(c), Ordering::Release);
             }
-            done.clear();
-            self.io
-                .ring()
-                .reap(&mut done)
-                .map_err(|source| QueueError::Ring { op: "reap", source })?;
-            let reaped = done.len();
-            self.on_ring(&mut done)?;
-            if n > 0 || reaped > 0 {
+            if n > 0 {
+                // Keep taking RDMA completions; the backend I/O they queued is submitted by
+                // the wait below, or by a reap after a few busy turns (so a steady stream of
+                // completions never starves the ring).
+                self.busy_turns += 1;
+                if self.busy_turns < BUSY_TURNS {
+                    continue;
+                }
+                self.busy_turns = 0;
+                done.clear();
+                self.io
+                    .ring()
+                    .reap(&mut done)
+                    .map_err(|source| QueueError::Ring { op: "reap", source })?;
+                self.on_ring(&mut done)?;
+                self.flush_sends()?;
                 continue;
             }
-            if !self.armed {
-                // Arm, then poll once more: a completion that arrived before the arm raises
-                // no channel event.
-                self.cq.arm(false).map_err(rdma_err("ibv_req_notify_cq"))?;
-                self.armed = true;
+            self.busy_turns = 0;
+            if self.arm()? {
+                // Poll once more: a completion that arrived before the arm raises no event.
                 continue;
             }
             self.watch()?;
@@ -291,21 +339,63 @@ impl<'a> Queue<'a> {
                 .wait_timeout(1, IDLE_WAIT, &mut done)
                 .map_err(|source| QueueError::Ring { op: "wait", source })?;
             self.on_ring(&mut done)?;
-            for ev in self
-                .conn
-                .poll_events()
-                .map_err(rdma_err("rdma_get_cm_event"))?
-            {
-                if matches!(
-                    ev.kind,
-                    rdma::CmEventKind::Disconnected | rdma::CmEventKind::DeviceRemoval
-                ) {
-                    return Ok(End::Disconnected);
+            self.flush_sends()?;
+            if std::mem::take(&mut self.cm_ready) {
+                for ev in self
+                    .conn
+                    .poll_events()
+                    .map_err(rdma_err("rdma_get_cm_event"))?
+                {
+                    if matches!(
+                        ev.kind,
+                        rdma::CmEventKind::Disconnected | rdma::CmEventKind::DeviceRemoval
+                    ) {
+                        return Ok(End::Disconnected);
+                    }
                 }
             }
             // Memory freed by other queues may unblock parked commands.
             self.resume()?;
+            self.flush_sends()?;
         }
+    }
+
+    /// Handles the ready completions: a batch of receives, then the send CQ until empty
+    /// (which bounds what it can hold, see [`Prepared::new`]). Returns how many.
+    fn poll_cqs(&mut self, wcs: &mut [Completion; 32]) -> Result<usize, QueueError> {
+        let n = self.rcq.poll(wcs).map_err(rdma_err("ibv_poll_cq"))?;
+        for wc in &wcs[..n] {
+            self.on_wc(wc)?;
+        }
+        let mut total = n;
+        loop {
+            let m = self.scq.poll(wcs).map_err(rdma_err("ibv_poll_cq"))?;
+            for wc in &wcs[..m] {
+                self.on_wc(wc)?;
+            }
+            total += m;
+            if m < wcs.len() {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Arms the CQs the queue must wake for: always the receive CQ, the send CQ while an RDMA
+    /// READ is in flight or a command is parked. True if it armed one (poll again before
+    /// sleeping).
+    fn arm(&mut self) -> Result<bool, QueueError> {
+        let mut armed = false;
+        if !self.rarmed {
+            self.rcq.arm(false).map_err(rdma_err("ibv_req_notify_cq"))?;
+            self.rarmed = true;
+            armed = true;
+        }
+        if !self.sarmed && (self.reads_out > 0 || !self.parked.is_empty()) {
+            self.scq.arm(false).map_err(rdma_err("ibv_req_notify_cq"))?;
+            self.sarmed = true;
+            armed = true;
+        }
+        Ok(armed)
     }
 
     /// Arms the ring polls of the completion channel and the rdma_cm event fd.
@@ -315,15 +405,10 @@ impl<'a> Queue<'a> {
             source,
         };
         if self.cq_poll.is_none() {
-            let ch = self
-                .cq
-                .channel()
-                .map(CompletionChannel::fd)
-                .ok_or_else(|| QueueError::Protocol("completion queue without a channel".into()))?;
-            // SAFETY: the channel fd stays open while the CQ lives, which outlives the ring's
-            // polls (teardown removes them and the ring drops before the CQ... it is declared
-            // after it, and Drop cancels polls still armed).
-            let fd = unsafe { BorrowedFd::borrow_raw(ch) };
+            // SAFETY: the channel fd stays open while `self.channel` lives, which outlives the
+            // ring's polls: teardown removes them, and the ring (declared before the channel)
+            // drops first, cancelling any poll still armed.
+            let fd = unsafe { BorrowedFd::borrow_raw(self.channel.fd()) };
             self.cq_poll = Some(
                 self.io
                     .ring()
@@ -349,10 +434,22 @@ impl<'a> Queue<'a> {
             match c.tag {
                 POLL_CQ if c.kind == uring::OpKind::Poll => {
                     self.cq_poll = None;
-                    while self.cq.take_event().map_err(rdma_err("ibv_get_cq_event"))? {}
-                    self.armed = false;
+                    // One event per wake-up: another one pending makes the next poll fire at
+                    // once.
+                    let ev = self
+                        .channel
+                        .take_event()
+                        .map_err(rdma_err("ibv_get_cq_event"))?;
+                    if ev == Some(self.rcq.id()) {
+                        self.rarmed = false;
+                    } else if ev == Some(self.scq.id()) {
+                        self.sarmed = false;
+                    }
                 }
-                POLL_CM if c.kind == uring::OpKind::Poll => self.cm_poll = None,
+                POLL_CM if c.kind == uring::OpKind::Poll => {
+                    self.cm_poll = None;
+                    self.cm_ready = true;
+                }
                 _ => {
                     if let Some(d) = QueueIo::done(c) {
                         self.on_io_done(d)?;
@@ -428,7 +525,7 @@ impl<'a> Queue<'a> {
         }
         self.core.on_disconnect();
         tracing::debug!(qid = self.qid, "queue resources released");
-        // Drop order (fields): QP, CQ, ring (waits for anything left), buffers.
+        // Drop order (fields): QP, CQs, ring (waits for anything left), channel, buffers.
     }
 }
 

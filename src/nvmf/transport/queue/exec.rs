@@ -238,8 +238,8 @@ impl Queue<'_> {
         }
     }
 
-    /// Allocates the command's buffer and posts the RDMA READ of its keyed SGL; false when
-    /// out of READ credits or memory (nothing posted).
+    /// Allocates the command's buffer and queues the RDMA READ of its keyed SGL (posted by
+    /// [`Queue::flush_sends`]); false when out of READ credits or memory (nothing queued).
     fn post_read(&mut self, idx: usize, len: usize) -> Result<bool, QueueError> {
         if self.reads_out >= self.max_reads {
             return Ok(false);
@@ -260,9 +260,8 @@ impl Queue<'_> {
             rkey: key,
         };
         self.cmd(idx)?.buf = Some(PoolBuf::range(b, 0, len));
-        self.conn
-            .post_send(&[SendRequest::read(WR_READ | idx as u64, vec![sge], remote)])
-            .map_err(rdma_err("post RDMA READ"))?;
+        self.sends
+            .push(SendRequest::read(WR_READ | idx as u64, vec![sge], remote));
         self.reads_out += 1;
         self.shared
             .stats
@@ -458,8 +457,9 @@ impl Queue<'_> {
         self.respond(idx, c, remote)
     }
 
-    /// Releases the receive slot, then posts the RDMA WRITE of the command's buffer to
-    /// `data` (if any) and the SEND of the completion, with invalidate when the SGL asked.
+    /// Releases the receive slot, then queues the RDMA WRITE of the command's buffer to
+    /// `data` (if any) and the SEND of the completion, with invalidate when the SGL asked
+    /// (posted by [`Queue::flush_sends`]).
     fn respond(
         &mut self,
         idx: usize,
@@ -478,7 +478,6 @@ impl Queue<'_> {
             } if len > 0 => SendOp::SendWithInv(key),
             _ => SendOp::Send,
         };
-        let mut wrs = Vec::with_capacity(2);
         if let Some(remote) = data {
             let b = cmd
                 .buf
@@ -493,14 +492,27 @@ impl Queue<'_> {
                     remote.len as usize,
                 )
                 .map_err(rdma_err("register pool chunk"))?;
-            wrs.push(SendRequest::write(WR_WRITE | idx as u64, vec![sge], remote).unsignaled());
+            self.sends
+                .push(SendRequest::write(WR_WRITE | idx as u64, vec![sge], remote).unsignaled());
             self.shared
                 .stats
                 .rdma_write_bytes
                 .fetch_add(u64::from(remote.len), Ordering::Relaxed);
         }
-        wrs.push(SendRequest::new(WR_SEND | idx as u64, op, Vec::new()).with_inline(&c.encode()));
-        self.conn.post_send(&wrs).map_err(rdma_err("post response"))
+        self.sends
+            .push(SendRequest::new(WR_SEND | idx as u64, op, Vec::new()).with_inline(&c.encode()));
+        Ok(())
+    }
+
+    /// Posts the RDMA READs, WRITEs and SENDs queued since the last call, in order, with one
+    /// `ibv_post_send` (one doorbell). Called before the queue waits or reaps.
+    pub(super) fn flush_sends(&mut self) -> Result<(), QueueError> {
+        if self.sends.is_empty() {
+            return Ok(());
+        }
+        let r = self.conn.post_send(&self.sends);
+        self.sends.clear();
+        r.map_err(rdma_err("ibv_post_send"))
     }
 }
 
