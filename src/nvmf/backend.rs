@@ -487,7 +487,7 @@ impl QueueIo {
                     .map_err(|e| refuse(errno_of(&e), None))
             }
         };
-        r.map_err(|rej| refuse(errno_of(&rej.error), rej.buf))
+        r.map_err(|rej| refuse(errno_of(&rej.error), rej.bufs.into_single()))
     }
 
     /// Turns a reaped ring completion of a backend operation into an [`IoDone`]; `None` for
@@ -497,7 +497,7 @@ impl QueueIo {
         if c.kind == OpKind::Poll {
             return None;
         }
-        let want = c.buf.as_ref().map(IoBuf::len);
+        let want = c.bufs.single().map(IoBuf::len);
         let result = match (&c.result, c.kind, want) {
             (Ok(n), OpKind::Read | OpKind::Write, Some(w)) if *n != w => Err(libc::EIO),
             (Ok(_), _, _) => Ok(()),
@@ -506,7 +506,7 @@ impl QueueIo {
         Some(IoDone {
             tag: c.tag,
             result,
-            buf: c.buf,
+            buf: c.bufs.into_single(),
         })
     }
 }

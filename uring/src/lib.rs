@@ -22,22 +22,27 @@
 //! assert_eq!(c.result?, 4096);
 //! # Ok(()) }
 //! ```
+//!
+//! Modules are private and every type, trait and function is exported once, here at the
+//! crate root. The one public module is [`abi`], the mirror of the kernel and NVMe ABI
+//! (`struct nvme_uring_cmd` and the constants of the headers, grouped as there); the NVMe
+//! status code constants are [`sc`] and [`sct`].
 
 pub mod abi;
-pub mod buf;
-pub mod capability;
-pub mod cmd;
-pub mod error;
-pub mod file;
-pub mod namespace;
-pub mod ring;
-pub mod status;
+mod buf;
+mod capability;
+mod cmd;
+mod error;
+mod file;
+mod namespace;
+mod ring;
+mod status;
 
-pub use buf::{AlignedBuf, IoBuf, RawBuf, Slice};
+pub use buf::{AlignedBuf, Buffers, IoBuf, RawBuf, Slice};
 pub use capability::{Capabilities, Feature};
-pub use cmd::{NvmeCommand, Queue};
-pub use error::{Error, Rejected, Result};
+pub use cmd::{dsm_ranges, Direction, NvmeCommand, Queue};
+pub use error::{errno_hint, Error, Rejected, Result};
 pub use file::{FileOptions, FileTarget};
-pub use namespace::{ControllerInfo, LbaFormat, Namespace, NamespaceInfo};
-pub use ring::{Completion, OpKind, PollId, Ring, RingBuilder, TargetId};
-pub use status::NvmeStatus;
+pub use namespace::{char_device_path, ControllerInfo, LbaFormat, Namespace, NamespaceInfo};
+pub use ring::{uring_cmd_sqe, Completion, FileRef, OpKind, PollId, Ring, RingBuilder, TargetId};
+pub use status::{sc, sct, NvmeStatus};
