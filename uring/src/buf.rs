@@ -352,5 +352,7 @@ mod tests {
 
         assert!(matches!(Buffers::from(Some(4u8)), Buffers::One(4)));
         assert!(matches!(Buffers::<u8>::from(None), Buffers::None));
+        // No `B: Default` bound: buffers that have no default still have empty `Buffers`.
+        assert!(Buffers::<super::RawBuf>::default().is_empty());
     }
 }

@@ -4,7 +4,9 @@
 //! - [`Namespace`] opens an NVMe namespace and identifies it (LBA format, limits).
 //! - [`FileTarget`] wraps a file or block device (O_DIRECT).
 //! - [`Ring`] carries reads/writes/flush/write-zeroes/deallocate/raw commands to either, plus
-//!   polls of foreign fds; operations own their [`IoBuf`] until the [`Completion`] is reaped.
+//!   polls of foreign fds; operations own their [`IoBuf`]s until the [`Completion`] is
+//!   reaped (they come back as its [`Buffers`]), and a refused submission hands them back
+//!   in a [`Rejected`].
 //!   Buffers: [`AlignedBuf`] (owned host memory), [`Slice`] (part of an owned buffer),
 //!   [`RawBuf`] (memory the caller keeps alive, e.g. a pool slot), or your own `IoBuf`.
 //! - [`Error`] carries the operation, the errno or decoded [`NvmeStatus`], and what to do.
