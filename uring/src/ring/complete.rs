@@ -1,7 +1,7 @@
 //! Waiting and reaping: the `io_uring_enter` calls that produce completions (GETEVENTS,
 //! timeouts, spinning), and draining the completion queue into the slot table.
 
-use super::slots::Cqe as SlotCqe;
+use super::slots::CqeInfo;
 use super::{Completion, Ring, INTERNAL};
 use crate::abi;
 use crate::buf::IoBuf;
@@ -177,7 +177,7 @@ impl<B: IoBuf> Ring<B> {
             if ud == INTERNAL {
                 continue;
             }
-            let done = slots.complete(SlotCqe {
+            let done = slots.complete(CqeInfo {
                 slot: ud as u32,
                 res: cqe.result(),
                 more: cqueue::more(cqe.flags()),

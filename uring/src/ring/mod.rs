@@ -14,7 +14,8 @@
 //! - `registry.rs`: the fixed-buffer registry (`register_buffer(s)`, `unregister_buffers`).
 //! - `slots.rs`: the slot table: what each operation in flight owns and how its CQEs add up.
 //! - `submit.rs`: queueing SQEs, [`Ring::submit`], and the operations that own buffers
-//!   (read, write, readv, writev, raw NVMe commands), refused with a [`Rejected`].
+//!   (read, write, readv, writev, raw NVMe commands), refused with a
+//!   [`Rejected`](crate::Rejected).
 //! - `commands.rs`: the operations without data buffers (flush, fsync, write zeroes,
 //!   deallocate, polls of foreign fds).
 //! - `complete.rs`: waiting and reaping (the `io_uring_enter` calls that produce
@@ -35,8 +36,6 @@ pub use target::TargetId;
 
 use crate::buf::{AlignedBuf, Buffers, IoBuf};
 use crate::capability::Capabilities;
-#[cfg(doc)]
-use crate::error::Rejected;
 use crate::error::Result;
 use io_uring::{cqueue, opcode, squeue, IoUring};
 use registry::Registry;

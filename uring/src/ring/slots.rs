@@ -54,7 +54,7 @@ impl<B> Slot<B> {
 
 /// What one CQE says, as the slot table needs it.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Cqe {
+pub(super) struct CqeInfo {
     /// The slot (the SQE's `user_data`).
     pub(super) slot: u32,
     /// `res`: `-errno`, bytes, poll events or an NVMe status.
@@ -160,7 +160,7 @@ impl<B> SlotTable<B> {
     }
 
     /// Accounts one CQE; returns the completion it finishes (every poll event finishes one).
-    pub(super) fn complete(&mut self, cqe: Cqe) -> Option<Completion<B>> {
+    pub(super) fn complete(&mut self, cqe: CqeInfo) -> Option<Completion<B>> {
         let s = cqe.slot;
         let slot = self.slots.get_mut(s as usize)?;
         let res = cqe.res;
@@ -227,8 +227,8 @@ impl<B> SlotTable<B> {
 mod tests {
     use super::*;
 
-    fn cqe(slot: u32, res: i32) -> Cqe {
-        Cqe {
+    fn cqe(slot: u32, res: i32) -> CqeInfo {
+        CqeInfo {
             slot,
             res,
             more: false,
@@ -318,7 +318,7 @@ mod tests {
         t.get_mut(s).bytes = 4096;
         t.queued(s, 1, None);
         let c = t
-            .complete(Cqe {
+            .complete(CqeInfo {
                 slot: s,
                 res: 0,
                 more: false,
@@ -344,7 +344,7 @@ mod tests {
         t.queued(s, 1, None);
         assert!(t.is_live_poll(s));
         assert_eq!(t.live_polls().collect::<Vec<_>>(), vec![s]);
-        let event = Cqe {
+        let event = CqeInfo {
             slot: s,
             res: i32::from(libc::POLLIN),
             more: true,

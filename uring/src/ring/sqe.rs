@@ -76,138 +76,83 @@ impl FileOp {
     pub(super) fn sqe(self, fd: FileRef) -> squeue::Entry128 {
         // The io-uring crate takes either descriptor kind through a sealed trait, so each
         // operation is spelled once per kind; this is the only place that does it.
-        let e: squeue::Entry = match (self, fd) {
-            (
-                FileOp::Read {
-                    addr,
-                    len,
-                    offset,
-                    buf_index: None,
-                },
-                FileRef::Fd(f),
-            ) => opcode::Read::new(types::Fd(f), addr, len)
-                .offset(offset)
-                .build(),
-            (
-                FileOp::Read {
-                    addr,
-                    len,
-                    offset,
-                    buf_index: None,
-                },
-                FileRef::Fixed(f),
-            ) => opcode::Read::new(types::Fixed(f), addr, len)
-                .offset(offset)
-                .build(),
-            (
-                FileOp::Read {
-                    addr,
-                    len,
-                    offset,
-                    buf_index: Some(i),
-                },
-                FileRef::Fd(f),
-            ) => opcode::ReadFixed::new(types::Fd(f), addr, len, i)
-                .offset(offset)
-                .build(),
-            (
-                FileOp::Read {
-                    addr,
-                    len,
-                    offset,
-                    buf_index: Some(i),
-                },
-                FileRef::Fixed(f),
-            ) => opcode::ReadFixed::new(types::Fixed(f), addr, len, i)
-                .offset(offset)
-                .build(),
-            (
-                FileOp::Write {
-                    addr,
-                    len,
-                    offset,
-                    buf_index: None,
-                },
-                FileRef::Fd(f),
-            ) => opcode::Write::new(types::Fd(f), addr, len)
-                .offset(offset)
-                .build(),
-            (
-                FileOp::Write {
-                    addr,
-                    len,
-                    offset,
-                    buf_index: None,
-                },
-                FileRef::Fixed(f),
-            ) => opcode::Write::new(types::Fixed(f), addr, len)
-                .offset(offset)
-                .build(),
-            (
-                FileOp::Write {
-                    addr,
-                    len,
-                    offset,
-                    buf_index: Some(i),
-                },
-                FileRef::Fd(f),
-            ) => opcode::WriteFixed::new(types::Fd(f), addr, len, i)
-                .offset(offset)
-                .build(),
-            (
-                FileOp::Write {
-                    addr,
-                    len,
-                    offset,
-                    buf_index: Some(i),
-                },
-                FileRef::Fixed(f),
-            ) => opcode::WriteFixed::new(types::Fixed(f), addr, len, i)
-                .offset(offset)
-                .build(),
-            (FileOp::Readv { iov, n, offset }, FileRef::Fd(f)) => {
-                opcode::Readv::new(types::Fd(f), iov, n)
+        use FileRef::{Fd, Fixed};
+        let e: squeue::Entry = match self {
+            FileOp::Read {
+                addr,
+                len,
+                offset,
+                buf_index,
+            } => match (fd, buf_index) {
+                (Fd(f), None) => opcode::Read::new(types::Fd(f), addr, len)
                     .offset(offset)
-                    .build()
-            }
-            (FileOp::Readv { iov, n, offset }, FileRef::Fixed(f)) => {
-                opcode::Readv::new(types::Fixed(f), iov, n)
+                    .build(),
+                (Fixed(f), None) => opcode::Read::new(types::Fixed(f), addr, len)
                     .offset(offset)
-                    .build()
-            }
-            (FileOp::Writev { iov, n, offset }, FileRef::Fd(f)) => {
-                opcode::Writev::new(types::Fd(f), iov, n)
+                    .build(),
+                (Fd(f), Some(i)) => opcode::ReadFixed::new(types::Fd(f), addr, len, i)
                     .offset(offset)
-                    .build()
-            }
-            (FileOp::Writev { iov, n, offset }, FileRef::Fixed(f)) => {
-                opcode::Writev::new(types::Fixed(f), iov, n)
+                    .build(),
+                (Fixed(f), Some(i)) => opcode::ReadFixed::new(types::Fixed(f), addr, len, i)
                     .offset(offset)
-                    .build()
-            }
-            (FileOp::Fsync { datasync }, fd) => {
+                    .build(),
+            },
+            FileOp::Write {
+                addr,
+                len,
+                offset,
+                buf_index,
+            } => match (fd, buf_index) {
+                (Fd(f), None) => opcode::Write::new(types::Fd(f), addr, len)
+                    .offset(offset)
+                    .build(),
+                (Fixed(f), None) => opcode::Write::new(types::Fixed(f), addr, len)
+                    .offset(offset)
+                    .build(),
+                (Fd(f), Some(i)) => opcode::WriteFixed::new(types::Fd(f), addr, len, i)
+                    .offset(offset)
+                    .build(),
+                (Fixed(f), Some(i)) => opcode::WriteFixed::new(types::Fixed(f), addr, len, i)
+                    .offset(offset)
+                    .build(),
+            },
+            FileOp::Readv { iov, n, offset } => match fd {
+                Fd(f) => opcode::Readv::new(types::Fd(f), iov, n)
+                    .offset(offset)
+                    .build(),
+                Fixed(f) => opcode::Readv::new(types::Fixed(f), iov, n)
+                    .offset(offset)
+                    .build(),
+            },
+            FileOp::Writev { iov, n, offset } => match fd {
+                Fd(f) => opcode::Writev::new(types::Fd(f), iov, n)
+                    .offset(offset)
+                    .build(),
+                Fixed(f) => opcode::Writev::new(types::Fixed(f), iov, n)
+                    .offset(offset)
+                    .build(),
+            },
+            FileOp::Fsync { datasync } => {
                 let flags = if datasync {
                     types::FsyncFlags::DATASYNC
                 } else {
                     types::FsyncFlags::empty()
                 };
                 match fd {
-                    FileRef::Fd(f) => opcode::Fsync::new(types::Fd(f)).flags(flags).build(),
-                    FileRef::Fixed(f) => opcode::Fsync::new(types::Fixed(f)).flags(flags).build(),
+                    Fd(f) => opcode::Fsync::new(types::Fd(f)).flags(flags).build(),
+                    Fixed(f) => opcode::Fsync::new(types::Fixed(f)).flags(flags).build(),
                 }
             }
-            (FileOp::Fallocate { offset, len, mode }, FileRef::Fd(f)) => {
-                opcode::Fallocate::new(types::Fd(f), len)
+            FileOp::Fallocate { offset, len, mode } => match fd {
+                Fd(f) => opcode::Fallocate::new(types::Fd(f), len)
                     .offset(offset)
                     .mode(mode)
-                    .build()
-            }
-            (FileOp::Fallocate { offset, len, mode }, FileRef::Fixed(f)) => {
-                opcode::Fallocate::new(types::Fixed(f), len)
+                    .build(),
+                Fixed(f) => opcode::Fallocate::new(types::Fixed(f), len)
                     .offset(offset)
                     .mode(mode)
-                    .build()
-            }
+                    .build(),
+            },
         };
         e.into()
     }
