@@ -488,7 +488,7 @@ impl QueueIo {
                     .map_err(|e| refuse(errno_of(&e), None))
             }
         };
-        r.map_err(|rej| refuse(errno_of(&rej.error), rej.buf))
+        r.map_err(|rej| refuse(errno_of(&rej.error), rej.bufs.into_single()))
     }
 
     /// Turns a reaped ring completion of a backend operation into an [`IoDone`]; `None` for
@@ -498,7 +498,7 @@ impl QueueIo {
         if c.kind == OpKind::Poll {
             return None;
         }
-        let want = c.buf.as_ref().map(IoBuf::len);
+        let want = c.bufs.single().map(IoBuf::len);
         let result = match (&c.result, c.kind, want) {
             (Ok(n), OpKind::Read | OpKind::Write, Some(w)) if *n != w => Err(libc::EIO),
             (Ok(_), _, _) => Ok(()),
@@ -507,7 +507,7 @@ impl QueueIo {
         Some(IoDone {
             tag: c.tag,
             result,
-            buf: c.buf,
+            buf: c.bufs.into_single(),
         })
     }
 }

@@ -154,7 +154,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let b = if a.naive {
                 AlignedBuf::new(a.bs)
             } else {
-                c.buf.expect("buffer back")
+                c.bufs.into_single().expect("buffer back")
             };
             ring.read(t, (rng.next() % blocks) * a.bs as u64, b, c.tag)?;
             if a.naive {

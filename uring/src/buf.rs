@@ -251,3 +251,108 @@ unsafe impl<B: IoBuf> IoBuf for Slice<B> {
         self.len
     }
 }
+
+/// The buffers an operation owns, in the one shape every operation uses: they travel with the
+/// operation from submission to its [`Completion`](crate::Completion), or come back at once
+/// in a [`Rejected`](crate::Rejected).
+#[derive(Debug, Default)]
+pub enum Buffers<B> {
+    /// An operation without data (flush, poll, a raw command without a buffer).
+    #[default]
+    None,
+    /// The buffer of a single-buffer operation (read, write, a raw command).
+    One(B),
+    /// The buffers of a vectored operation, in order.
+    Many(Vec<B>),
+}
+
+impl<B> Buffers<B> {
+    /// The buffers in order (empty, one, or all of a vector).
+    pub fn as_slice(&self) -> &[B] {
+        match self {
+            Buffers::None => &[],
+            Buffers::One(b) => std::slice::from_ref(b),
+            Buffers::Many(v) => v,
+        }
+    }
+    /// How many buffers there are.
+    pub fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+    /// Whether there is no buffer.
+    pub fn is_empty(&self) -> bool {
+        self.as_slice().is_empty()
+    }
+    /// The buffers in order.
+    pub fn iter(&self) -> std::slice::Iter<'_, B> {
+        self.as_slice().iter()
+    }
+    /// The buffer, when there is exactly one.
+    pub fn single(&self) -> Option<&B> {
+        match self.as_slice() {
+            [b] => Some(b),
+            _ => None,
+        }
+    }
+    /// Takes the buffer, when there is exactly one (`None` otherwise, dropping the rest).
+    pub fn into_single(self) -> Option<B> {
+        match self {
+            Buffers::One(b) => Some(b),
+            Buffers::Many(mut v) if v.len() == 1 => v.pop(),
+            _ => None,
+        }
+    }
+    /// Takes every buffer, in order.
+    pub fn into_vec(self) -> Vec<B> {
+        match self {
+            Buffers::None => Vec::new(),
+            Buffers::One(b) => vec![b],
+            Buffers::Many(v) => v,
+        }
+    }
+}
+
+impl<B> From<Option<B>> for Buffers<B> {
+    fn from(b: Option<B>) -> Self {
+        b.map_or(Buffers::None, Buffers::One)
+    }
+}
+
+impl<'a, B> IntoIterator for &'a Buffers<B> {
+    type Item = &'a B;
+    type IntoIter = std::slice::Iter<'a, B>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Buffers;
+
+    #[test]
+    fn buffers_shapes() {
+        let none: Buffers<u8> = Buffers::None;
+        assert!(none.is_empty());
+        assert_eq!(none.single(), None);
+        assert_eq!(none.into_single(), None);
+
+        let one = Buffers::One(7u8);
+        assert_eq!(one.len(), 1);
+        assert_eq!(one.single(), Some(&7));
+        assert_eq!(one.into_vec(), vec![7]);
+
+        let many = Buffers::Many(vec![1u8, 2, 3]);
+        assert_eq!(many.len(), 3);
+        assert_eq!(many.iter().copied().collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(many.single(), None);
+        assert_eq!(many.into_single(), None, "three buffers are not one");
+        assert_eq!(Buffers::Many(vec![9u8]).into_single(), Some(9));
+        assert_eq!(Buffers::Many(Vec::<u8>::new()).len(), 0);
+
+        assert!(matches!(Buffers::from(Some(4u8)), Buffers::One(4)));
+        assert!(matches!(Buffers::<u8>::from(None), Buffers::None));
+        // No `B: Default` bound: buffers that have no default still have empty `Buffers`.
+        assert!(Buffers::<super::RawBuf>::default().is_empty());
+    }
+}

@@ -148,38 +148,3 @@ pub fn dsm_ranges(ranges: &[(u64, u32)], out: &mut [u8]) {
         d[8..16].copy_from_slice(&slba.to_le_bytes());
     }
 }
-
-/// The 128-byte SQE for a passthrough command (the `io-uring` crate's `UringCmd80`).
-/// `fixed` is the registered buffer index when the data buffer is a fixed buffer.
-pub fn uring_cmd_sqe(
-    fd: io_uring::types::Fixed,
-    vectored: bool,
-    c: &NvmeCommand,
-    fixed: Option<u16>,
-) -> io_uring::squeue::Entry128 {
-    let mut payload = [0u8; 80];
-    payload[..abi::NVME_URING_CMD_SIZE].copy_from_slice(&c.cmd.to_bytes());
-    let mut op = io_uring::opcode::UringCmd80::new(fd, c.queue.cmd_op(vectored)).cmd(payload);
-    if let Some(i) = fixed {
-        op = op.buf_index(Some(i));
-    }
-    op.build()
-}
-
-/// Same as [`uring_cmd_sqe`] for a file descriptor that is not registered.
-pub fn uring_cmd_sqe_fd(
-    fd: std::os::fd::RawFd,
-    vectored: bool,
-    c: &NvmeCommand,
-    fixed: Option<u16>,
-) -> io_uring::squeue::Entry128 {
-    let mut payload = [0u8; 80];
-    payload[..abi::NVME_URING_CMD_SIZE].copy_from_slice(&c.cmd.to_bytes());
-    let mut op =
-        io_uring::opcode::UringCmd80::new(io_uring::types::Fd(fd), c.queue.cmd_op(vectored))
-            .cmd(payload);
-    if let Some(i) = fixed {
-        op = op.buf_index(Some(i));
-    }
-    op.build()
-}

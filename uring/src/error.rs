@@ -1,6 +1,7 @@
 //! The crate's one error type: which operation failed, the errno or NVMe status, and what to
 //! do about it.
 
+use crate::buf::Buffers;
 use crate::status::NvmeStatus;
 use std::fmt;
 
@@ -130,19 +131,19 @@ pub fn errno_hint(errno: i32) -> &'static str {
 }
 
 /// A submission that was rejected before it reached the kernel: the error and the buffer(s)
-/// handed back to the caller.
+/// handed back to the caller. Every operation that takes buffers refuses with this type.
 pub struct Rejected<B> {
     /// Why it was rejected.
     pub error: Error,
-    /// The buffer the operation would have owned, returned unchanged.
-    pub buf: Option<B>,
+    /// The buffers the operation would have owned, returned unchanged.
+    pub bufs: Buffers<B>,
 }
 
 impl<B> fmt::Debug for Rejected<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Rejected")
             .field("error", &self.error)
-            .field("buf", &self.buf.as_ref().map(|_| ".."))
+            .field("bufs", &self.bufs.len())
             .finish()
     }
 }

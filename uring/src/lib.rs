@@ -4,7 +4,9 @@
 //! - [`Namespace`] opens an NVMe namespace and identifies it (LBA format, limits).
 //! - [`FileTarget`] wraps a file or block device (O_DIRECT).
 //! - [`Ring`] carries reads/writes/flush/write-zeroes/deallocate/raw commands to either, plus
-//!   polls of foreign fds; operations own their [`IoBuf`] until the [`Completion`] is reaped.
+//!   polls of foreign fds; operations own their [`IoBuf`]s until the [`Completion`] is
+//!   reaped (they come back as its [`Buffers`]), and a refused submission hands them back
+//!   in a [`Rejected`].
 //!   Buffers: [`AlignedBuf`] (owned host memory), [`Slice`] (part of an owned buffer),
 //!   [`RawBuf`] (memory the caller keeps alive, e.g. a pool slot), or your own `IoBuf`.
 //! - [`Error`] carries the operation, the errno or decoded [`NvmeStatus`], and what to do.
@@ -22,22 +24,27 @@
 //! assert_eq!(c.result?, 4096);
 //! # Ok(()) }
 //! ```
+//!
+//! Modules are private and every type, trait and function is exported once, here at the
+//! crate root. The one public module is [`abi`], the mirror of the kernel and NVMe ABI
+//! (`struct nvme_uring_cmd` and the constants of the headers, grouped as there); the NVMe
+//! status code constants are [`sc`] and [`sct`].
 
 pub mod abi;
-pub mod buf;
-pub mod capability;
-pub mod cmd;
-pub mod error;
-pub mod file;
-pub mod namespace;
-pub mod ring;
-pub mod status;
+mod buf;
+mod capability;
+mod cmd;
+mod error;
+mod file;
+mod namespace;
+mod ring;
+mod status;
 
-pub use buf::{AlignedBuf, IoBuf, RawBuf, Slice};
+pub use buf::{AlignedBuf, Buffers, IoBuf, RawBuf, Slice};
 pub use capability::{Capabilities, Feature};
-pub use cmd::{NvmeCommand, Queue};
-pub use error::{Error, Rejected, Result};
+pub use cmd::{dsm_ranges, Direction, NvmeCommand, Queue};
+pub use error::{errno_hint, Error, Rejected, Result};
 pub use file::{FileOptions, FileTarget};
-pub use namespace::{ControllerInfo, LbaFormat, Namespace, NamespaceInfo};
-pub use ring::{Completion, OpKind, PollId, Ring, RingBuilder, TargetId};
-pub use status::NvmeStatus;
+pub use namespace::{char_device_path, ControllerInfo, LbaFormat, Namespace, NamespaceInfo};
+pub use ring::{uring_cmd_sqe, Completion, FileRef, OpKind, PollId, Ring, RingBuilder, TargetId};
+pub use status::{sc, sct, NvmeStatus};

@@ -3,8 +3,9 @@
 
 use crate::abi::{self, NVME_IOCTL_ID};
 use crate::buf::{AlignedBuf, IoBuf};
-use crate::cmd::{uring_cmd_sqe_fd, NvmeCommand};
+use crate::cmd::NvmeCommand;
 use crate::error::{Error, Result};
+use crate::ring::{uring_cmd_sqe, FileRef};
 use crate::status::NvmeStatus;
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
@@ -396,7 +397,7 @@ fn identify(fd: BorrowedFd<'_>, mut c: NvmeCommand) -> Result<AlignedBuf> {
         io_uring::IoUring::builder()
             .build(2)
             .map_err(|e| Error::from_io("io_uring_setup (SQE128/CQE32)", &e))?;
-    let sqe = uring_cmd_sqe_fd(fd.as_raw_fd(), false, &c, None).user_data(1);
+    let sqe = uring_cmd_sqe(FileRef::Fd(fd.as_raw_fd()), false, &c, None).user_data(1);
     // SAFETY: the SQE points at `buf`, which lives until after the completion is reaped below
     // (or is leaked if waiting fails).
     unsafe {

@@ -2,8 +2,8 @@
 //! with the host C compiler) and the exact bytes of commands and SQEs.
 
 use peerpipe_uring::abi::{self, NvmeUringCmd};
-use peerpipe_uring::cmd::{dsm_ranges, uring_cmd_sqe, uring_cmd_sqe_fd, Direction};
 use peerpipe_uring::NvmeCommand;
+use peerpipe_uring::{dsm_ranges, uring_cmd_sqe, Direction, FileRef};
 use std::mem::{offset_of, size_of};
 use std::process::Command;
 
@@ -220,7 +220,7 @@ fn sqe_bytes_for_passthrough() {
     let mut c = NvmeCommand::read(1, 0x42, 8);
     c.cmd.addr = 0xdead_b000;
     c.cmd.data_len = 4096;
-    let b = sqe_bytes(uring_cmd_sqe_fd(7, false, &c, None));
+    let b = sqe_bytes(uring_cmd_sqe(FileRef::Fd(7), false, &c, None));
     assert_eq!(b[0], abi::IORING_OP_URING_CMD);
     assert_eq!(b[1], 0, "no IOSQE flags for a plain fd");
     assert_eq!(i32::from_le_bytes(b[4..8].try_into().unwrap()), 7, "fd");
@@ -240,7 +240,7 @@ fn sqe_bytes_for_passthrough() {
     );
     assert!(b[120..].iter().all(|&x| x == 0));
 
-    let b = sqe_bytes(uring_cmd_sqe(io_uring::types::Fixed(3), true, &c, Some(5)));
+    let b = sqe_bytes(uring_cmd_sqe(FileRef::Fixed(3), true, &c, Some(5)));
     assert_eq!(b[1] & 1, 1, "IOSQE_FIXED_FILE");
     assert_eq!(
         i32::from_le_bytes(b[4..8].try_into().unwrap()),

@@ -3,8 +3,8 @@
 //! fixed buffers, vectored I/O, caller-managed (raw) buffers.
 
 use peerpipe_uring::{
-    AlignedBuf, Completion, Error, Feature, FileOptions, FileTarget, IoBuf, OpKind, RawBuf, Ring,
-    Slice,
+    AlignedBuf, Completion, Error, Feature, FileOptions, FileTarget, IoBuf, OpKind, RawBuf,
+    Rejected, Ring, Slice,
 };
 use std::path::PathBuf;
 
@@ -61,7 +61,10 @@ fn write_then_read_back_verified() {
     let c = one(&mut ring);
     assert_eq!((c.tag, c.kind), (11, OpKind::Write));
     assert_eq!(c.result.unwrap(), data.len());
-    assert!(c.buf.is_some(), "the buffer comes back with the completion");
+    assert!(
+        c.bufs.single().is_some(),
+        "the buffer comes back with the completion"
+    );
     ring.flush(t, 12).unwrap();
     assert_eq!(one(&mut ring).result.unwrap(), 0);
     // Verify through a different path (std read, page cache).
@@ -74,7 +77,7 @@ fn write_then_read_back_verified() {
     ring.read(t, 4096, AlignedBuf::new(data.len()), 13).unwrap();
     let c = one(&mut ring);
     assert_eq!(c.result.unwrap(), data.len());
-    assert_eq!(&c.buf.unwrap()[..], &data[..]);
+    assert_eq!(&c.bufs.into_single().unwrap()[..], &data[..]);
 }
 
 #[test]
@@ -93,7 +96,7 @@ fn raw_buf_reads_into_caller_managed_memory() {
     ring.read(t, 4096, view, 5).unwrap();
     let c = one(&mut ring);
     assert_eq!(c.result.unwrap(), 2 * 4096);
-    assert_eq!(c.buf.map(|b| b.len()), Some(2 * 4096));
+    assert_eq!(c.bufs.into_single().map(|b| b.len()), Some(2 * 4096));
     assert_eq!(&arena[4096..3 * 4096], &data[4096..3 * 4096]);
     assert!(arena[..4096]
         .iter()
@@ -111,7 +114,10 @@ fn short_reads_at_end_of_file() {
     ring.read(t, 0, AlignedBuf::new(8192), 1).unwrap();
     let c = one(&mut ring);
     assert_eq!(c.result.unwrap(), 5000, "short read at EOF");
-    assert_eq!(&c.buf.unwrap()[..5000], &pattern(5000, 3)[..]);
+    assert_eq!(
+        &c.bufs.into_single().unwrap()[..5000],
+        &pattern(5000, 3)[..]
+    );
     ring.read(t, 8192, AlignedBuf::new(4096), 2).unwrap();
     assert_eq!(one(&mut ring).result.unwrap(), 0, "read past EOF");
 }
@@ -139,7 +145,11 @@ fn alignment_errors_are_rejected_before_submission() {
             "says what to do: {}",
             r.error
         );
-        assert_eq!(r.buf.unwrap().start(), 1, "the buffer is handed back");
+        assert_eq!(
+            r.bufs.into_single().unwrap().start(),
+            1,
+            "the buffer is handed back"
+        );
     }
     // Misaligned offset and length.
     let r = ring
@@ -229,7 +239,7 @@ fn batching_submits_many_sqes_in_one_call_and_ring_full_hands_buffer_back() {
         "{}",
         r.error
     );
-    assert_eq!(r.buf.unwrap().len(), 4096);
+    assert_eq!(r.bufs.into_single().unwrap().len(), 4096);
     assert_eq!(ring.submit().unwrap(), 32, "one io_uring_enter for 32 SQEs");
     let mut out = Vec::new();
     while out.len() < 32 {
@@ -239,7 +249,10 @@ fn batching_submits_many_sqes_in_one_call_and_ring_full_hands_buffer_back() {
     for c in out {
         let i = c.tag as usize;
         assert_eq!(c.result.unwrap(), 4096);
-        assert_eq!(&c.buf.unwrap()[..], &data[i * 4096..(i + 1) * 4096]);
+        assert_eq!(
+            &c.bufs.into_single().unwrap()[..],
+            &data[i * 4096..(i + 1) * 4096]
+        );
     }
     assert_eq!(ring.in_flight(), 0);
 }
@@ -269,7 +282,10 @@ fn vectored_write_and_read() {
     assert_eq!(c.result.unwrap(), data.len());
     let got: Vec<u8> = c.bufs.iter().flat_map(|b| b.iter().copied()).collect();
     assert_eq!(got, data);
-    let (e, back) = ring.readv(t, 0, vec![], 3).unwrap_err();
+    let Rejected {
+        error: e,
+        bufs: back,
+    } = ring.readv(t, 0, vec![], 3).unwrap_err();
     assert!(matches!(e, Error::Invalid { .. }));
     assert!(back.is_empty());
 }
@@ -296,7 +312,7 @@ fn fixed_buffers_are_used_and_bad_registrations_reported() {
     ring.read(t, 0, Slice::new(arena, 4096, 8192), 1).unwrap();
     let c = one(&mut ring);
     assert_eq!(c.result.unwrap(), 8192);
-    let arena = c.buf.unwrap().into_inner();
+    let arena = c.bufs.into_single().unwrap().into_inner();
     assert_eq!(&arena[4096..12288], &pattern(8192, 4)[..]);
     // An unmapped address cannot be pinned: EFAULT, carried in the error and the report.
     // SAFETY: registration fails; nothing is ever read through this address.
@@ -347,7 +363,7 @@ fn sqpoll_ring_does_io() {
     let t = ring.add_file(&f).unwrap();
     ring.read(t, 0, AlignedBuf::new(4096), 1).unwrap();
     let c = one(&mut ring);
-    assert_eq!(&c.buf.unwrap()[..], &pattern(4096, 8)[..]);
+    assert_eq!(&c.bufs.into_single().unwrap()[..], &pattern(4096, 8)[..]);
 }
 
 #[test]

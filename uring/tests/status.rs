@@ -1,6 +1,6 @@
 //! NVMe status and errno decoding.
 
-use peerpipe_uring::namespace::{ControllerInfo, LbaFormat, NamespaceInfo};
+use peerpipe_uring::{ControllerInfo, LbaFormat, NamespaceInfo};
 use peerpipe_uring::{Error, NvmeStatus};
 
 #[test]
@@ -12,7 +12,7 @@ fn decodes_lba_out_of_range_with_dnr() {
     assert!(s.dnr());
     assert!(!s.more());
     assert_eq!(s.name(), Some("LBA Out of Range"));
-    assert!(s.is_generic(peerpipe_uring::status::sc::LBA_OUT_OF_RANGE));
+    assert!(s.is_generic(peerpipe_uring::sc::LBA_OUT_OF_RANGE));
     let e = Error::Nvme {
         op: "read",
         status: s,
@@ -162,7 +162,7 @@ fn metadata_formats_are_refused() {
 
 #[test]
 fn block_path_maps_to_char_device() {
-    use peerpipe_uring::namespace::char_device_path;
+    use peerpipe_uring::char_device_path;
     use std::path::Path;
     assert_eq!(
         char_device_path(Path::new("/dev/nvme1n1")),

@@ -3,10 +3,10 @@
 //! statuses, p2pmem buffers, IOPOLL and fixed buffers.
 
 use peerpipe_testbed::{drive, drives, require_testbed, sysfs_allocate, Drive, P2pMap};
-use peerpipe_uring::status::sc;
+use peerpipe_uring::sc;
 use peerpipe_uring::{
     AlignedBuf, Error, Feature, FileOptions, FileTarget, IoBuf, Namespace, NvmeCommand, OpKind,
-    Ring, TargetId,
+    Rejected, Ring, TargetId,
 };
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -167,7 +167,7 @@ fn testbed_uring_passthrough_read_write_flush_every_drive() {
         let c = one(&mut ring);
         assert_eq!(c.result.unwrap(), other.len());
         assert_eq!(
-            bytes(&*c.buf.unwrap()),
+            bytes(&*c.bufs.into_single().unwrap()),
             &other[..],
             "{}: block write seen by passthrough",
             d.serial
@@ -180,7 +180,7 @@ fn testbed_uring_passthrough_read_write_flush_every_drive() {
             Box::new(AlignedBuf::new(4096)),
         ];
         ring.readv(t, BASE + 4 * MIB, bufs, 4)
-            .map_err(|(e, _)| e)
+            .map_err(|r| r.error)
             .unwrap();
         let c = one(&mut ring);
         assert_eq!(c.result.unwrap(), 16384);
@@ -273,7 +273,7 @@ fn testbed_uring_out_of_range_and_oversize_rejected_then_decoded_when_forced() {
         "{}",
         r.error
     );
-    assert!(r.buf.is_some());
+    assert!(r.bufs.single().is_some());
     let r = ring
         .read(t, 1, Box::new(AlignedBuf::new(4096)), 1)
         .unwrap_err();
@@ -284,7 +284,10 @@ fn testbed_uring_out_of_range_and_oversize_rejected_then_decoded_when_forced() {
     );
     let big = i.max_transfer as usize + 4096;
     let bufs: Vec<Box<dyn IoBuf>> = vec![Box::new(AlignedBuf::new(big))];
-    let (e, back) = ring.readv(t, 0, bufs, 1).unwrap_err();
+    let Rejected {
+        error: e,
+        bufs: back,
+    } = ring.readv(t, 0, bufs, 1).unwrap_err();
     assert!(e.to_string().contains("max transfer"), "{e}");
     assert_eq!(back.len(), 1);
     // Misaligned buffer (would be bounced: a silent copy).
@@ -302,7 +305,10 @@ fn testbed_uring_out_of_range_and_oversize_rejected_then_decoded_when_forced() {
         Box::new(peerpipe_uring::Slice::new(AlignedBuf::new(8192), 0, 2048)),
         Box::new(AlignedBuf::new(2048)),
     ];
-    let (e, back) = ring.readv(t, 0, bufs, 1).unwrap_err();
+    let Rejected {
+        error: e,
+        bufs: back,
+    } = ring.readv(t, 0, bufs, 1).unwrap_err();
     assert!(e.to_string().contains("bounces"), "{e}");
     assert_eq!(back.len(), 2);
     assert_eq!(ring.in_flight(), 0);
@@ -353,7 +359,8 @@ fn testbed_uring_out_of_range_and_oversize_rejected_then_decoded_when_forced() {
     .unwrap();
     let c = one(&mut ring);
     assert_eq!(c.result.unwrap(), 4096);
-    let ctrl = peerpipe_uring::ControllerInfo::parse(bytes(&*c.buf.unwrap())).unwrap();
+    let ctrl =
+        peerpipe_uring::ControllerInfo::parse(bytes(&*c.bufs.into_single().unwrap())).unwrap();
     assert_eq!(ctrl.serial, "data1");
 }
 
@@ -389,7 +396,7 @@ fn p2pmem_read(path: PathBuf, expect_errno: i32) {
     ring.read(t, BASE + 16 * MIB, Box::new(map), 1).unwrap();
     let c = one(&mut ring);
     assert_eq!(c.result.unwrap(), len);
-    let map = c.buf.unwrap();
+    let map = c.bufs.into_single().unwrap();
     assert_eq!(
         bytes(&*map),
         &data[..],
@@ -439,13 +446,13 @@ fn testbed_uring_iopoll_and_fixed_buffers() {
     ring.wait(1, &mut out).unwrap();
     let c = out.pop().unwrap();
     assert_eq!(c.result.unwrap(), data.len());
-    let mut b = c.buf.unwrap();
+    let mut b = c.bufs.into_single().unwrap();
     b.fill(0);
     ring.read(t, BASE + 32 * MIB, b, 2).unwrap();
     ring.wait(1, &mut out).unwrap();
     let c = out.pop().unwrap();
     assert_eq!(c.result.unwrap(), data.len());
-    let b = c.buf.unwrap();
+    let b = c.bufs.into_single().unwrap();
     assert_eq!(&b[..], &data[..], "polled fixed-buffer read");
     assert_eq!(block_read(&d, BASE + 32 * MIB, data.len()), data);
     ring.unregister_buffers().unwrap();
@@ -497,7 +504,7 @@ fn testbed_uring_block_device_file_backend() {
         .unwrap();
     let c = one(&mut pring);
     assert_eq!(
-        bytes(&*c.buf.unwrap()),
+        bytes(&*c.bufs.into_single().unwrap()),
         &data[..],
         "block write seen by passthrough"
     );

@@ -241,7 +241,7 @@ impl PrimaryEngine {
                         };
                         if let Err(rej) = drive.ring.read(drive.t, offset, buf, seq) {
                             let why = rej.to_string();
-                            if let Some(b) = rej.buf {
+                            if let Some(b) = rej.bufs.into_single() {
                                 if let Some(h) = slots.give_back(b) {
                                     bounce[s] = Some(h);
                                 }
@@ -320,7 +320,7 @@ impl PrimaryEngine {
                 let seq = c.tag;
                 let want = layout.block(seq).map_or(0, |b| b.len as usize);
                 // The read's buffer comes back with its completion, on every path.
-                let Some(buf) = c.buf else {
+                let Some(buf) = c.bufs.into_single() else {
                     return Err(EngineError::Internal("a read completed without its buffer"));
                 };
                 let s = buf.slot();

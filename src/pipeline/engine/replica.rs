@@ -409,7 +409,9 @@ impl ReplicaEngine {
                                     ios.insert(tag, Io::Write { seq, len });
                                 }
                                 Err(rej) => {
-                                    if let Some(h) = rej.buf.and_then(|b| slots.give_back(b)) {
+                                    if let Some(h) =
+                                        rej.bufs.into_single().and_then(|b| slots.give_back(b))
+                                    {
                                         bounce[slot] = Some(h);
                                     }
                                     let st = status_of(&rej.error);
@@ -440,7 +442,7 @@ impl ReplicaEngine {
                 // The buffer comes back with its completion: to its slot, its bounce place,
                 // or (a read-back) to be checked and freed.
                 let mut read_back = None;
-                if let Some(b) = c.buf {
+                if let Some(b) = c.bufs.into_single() {
                     let slot = b.slot();
                     if slot == READ_BACK {
                         read_back = Some(b);
