@@ -12,7 +12,7 @@ mod support;
 
 use std::time::Instant;
 
-use peerpipe::nvmf::{Action, CmRequest, IoOp, QueueCore, Sgl, Status};
+use peerpipe::nvmf::{Action, CmRequest, IoFailure, IoOp, QueueCore, Sgl, Status};
 use support::*;
 
 // ---------------------------------------------------------------- the Linux bring-up
@@ -564,7 +564,7 @@ fn dsm_deallocate_and_backend_errors() {
     let mut io_err = |sqe: Sqe, errno: i32| {
         let cid = sqe.cmd().cid();
         assert!(matches!(q.on_command(&sqe.cmd(), &[], now), Action::Io(_)));
-        q.on_io_done(cid, Err(errno))
+        q.on_io_done(cid, Err(IoFailure::Errno(errno)))
     };
     let c = io_err(rw(0x02, 10, 1, 0, 0).keyed(512), libc::EIO);
     assert_eq!((c.status, c.cid), (Status::UNRECOVERED_READ.with_dnr(), 10));
@@ -580,6 +580,14 @@ fn dsm_deallocate_and_backend_errors() {
         io_err(Sqe::new(0x00, 13).nsid(1), libc::EPERM).status,
         Status::INTERNAL.with_dnr()
     );
+    // A passthrough device's own status goes to the host as it was (here Deallocated or
+    // Unwritten Logical Block, SCT 2 SC 0x87, DNR).
+    assert!(matches!(
+        q.on_command(&rw(0x02, 14, 1, 0, 0).keyed(512).cmd(), &[], now),
+        Action::Io(_)
+    ));
+    let dulb = Status::from_device((1 << 14) | (2 << 8) | 0x87);
+    assert_eq!(q.on_io_done(14, Err(IoFailure::Device(dulb))).status, dulb);
     // A completion for a command the core never issued.
     assert_eq!(q.on_io_done(99, Ok(())).status, Status::INTERNAL.with_dnr());
     assert_eq!(core.stats().read_cmds, 0);

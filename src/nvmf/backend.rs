@@ -18,6 +18,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::nvmf::status::{IoFailure, Status};
 use crate::p2p_alloc::Buffer;
 use crate::pipeline::engine::write_cache_from_sysfs;
 use crate::uring::{self, FileTarget, IoBuf, Namespace, OpKind, Ring, TargetId};
@@ -376,8 +377,8 @@ pub enum IoRequest {
 pub struct IoDone {
     /// The submitter's tag.
     pub tag: u64,
-    /// Ok, or the errno.
-    pub result: Result<(), i32>,
+    /// Ok, an errno, or the NVMe status of a passthrough device.
+    pub result: Result<(), IoFailure>,
     /// The buffer of a read or write, returned.
     pub buf: Option<PoolBuf>,
 }
@@ -455,7 +456,7 @@ impl QueueIo {
     pub fn submit(&mut self, index: usize, req: IoRequest, tag: u64) -> Result<(), IoDone> {
         let refuse = |errno, buf| IoDone {
             tag,
-            result: Err(errno),
+            result: Err(IoFailure::Errno(errno)),
             buf,
         };
         let Some(&(t, _)) = self.targets.get(index) else {
@@ -500,9 +501,14 @@ impl QueueIo {
         }
         let want = c.bufs.single().map(IoBuf::len);
         let result = match (&c.result, c.kind, want) {
-            (Ok(n), OpKind::Read | OpKind::Write, Some(w)) if *n != w => Err(libc::EIO),
+            (Ok(n), OpKind::Read | OpKind::Write, Some(w)) if *n != w => {
+                Err(IoFailure::Errno(libc::EIO))
+            }
             (Ok(_), _, _) => Ok(()),
-            (Err(e), _, _) => Err(errno_of(e)),
+            (Err(uring::Error::Nvme { status, .. }), _, _) => {
+                Err(IoFailure::Device(Status::from_device(status.0)))
+            }
+            (Err(e), _, _) => Err(IoFailure::Errno(errno_of(e))),
         };
         Some(IoDone {
             tag: c.tag,
@@ -516,6 +522,39 @@ impl QueueIo {
 mod tests {
     use super::*;
     use crate::p2p_alloc::{Placement, Pool};
+
+    fn completion(kind: OpKind, result: uring::Result<usize>) -> uring::Completion<PoolBuf> {
+        uring::Completion {
+            tag: 7,
+            kind,
+            result,
+            cmd_result: 0,
+            more: false,
+            bufs: uring::Buffers::None,
+        }
+    }
+
+    #[test]
+    fn a_passthrough_device_status_is_kept_and_an_errno_is_mapped() {
+        // Unrecovered Read Error (SCT 2, SC 0x81) with DNR, as a passthrough CQE reports it.
+        let nvme = uring::Error::Nvme {
+            op: "nvme read",
+            status: uring::NvmeStatus((1 << 14) | (2 << 8) | 0x81),
+        };
+        let d = QueueIo::done(completion(OpKind::Nvme, Err(nvme))).unwrap();
+        assert_eq!(d.tag, 7);
+        let Err(IoFailure::Device(s)) = d.result else {
+            panic!("{:?}", d.result)
+        };
+        assert_eq!((s.sct(), s.sc(), s.dnr()), (2, 0x81, true));
+        let os = uring::Error::Os {
+            op: "read",
+            errno: libc::ENOSPC,
+        };
+        let d = QueueIo::done(completion(OpKind::Read, Err(os))).unwrap();
+        assert_eq!(d.result, Err(IoFailure::Errno(libc::ENOSPC)));
+        assert!(QueueIo::done(completion(OpKind::Poll, Ok(1))).is_none());
+    }
 
     /// A scratch file of `len` bytes, removed on drop.
     struct Scratch(PathBuf);
@@ -648,11 +687,11 @@ mod tests {
             },
             9,
         );
-        assert_eq!(d.result, Err(libc::EIO));
+        assert_eq!(d.result, Err(IoFailure::Errno(libc::EIO)));
         assert!(d.buf.is_some());
         // An unknown backend index.
         let e = io.submit(3, IoRequest::Flush, 10).unwrap_err();
-        assert_eq!((e.tag, e.result), (10, Err(libc::EINVAL)));
+        assert_eq!((e.tag, e.result), (10, Err(IoFailure::Errno(libc::EINVAL))));
 
         match Backend::open(Path::new("/nonexistent/peerpipe-ns")) {
             Err(BackendError::Open { source, .. }) => {

@@ -76,7 +76,8 @@
 //! - A Flush may name nsid `0xFFFFFFFF`: flush every namespace of the subsystem.
 //! - [`TargetCore::admit`] checks the connect request against the listener limits;
 //!   [`TargetCore::inline_data_size`] sizes I/O receive buffers (64 + inline bytes).
-//! - `on_io_done` takes a positive errno (a negative one is accepted too).
+//! - `on_io_done` takes an [`IoFailure`]: an errno (positive; a negative one is accepted
+//!   too), or the NVMe status of a passthrough device, passed on to the host as it was.
 //! - [`IoCommand::fua`]: a Write with Force Unit Access must be durable at completion.
 //! - [`TargetConfig::listen`] is also what discovery log entries advertise (TRADDR,
 //!   TRSVCID): listen on a concrete address, not `0.0.0.0`, when serving discovery.
@@ -91,7 +92,7 @@ pub mod wire;
 
 pub use config::{ConfigError, NamespaceConfig, SubsystemConfig, TargetConfig, DISCOVERY_NQN};
 pub use ctrl::{Action, IoCommand, IoOp, NamespaceInfo, QueueCore, TargetCore, TargetStats};
-pub use status::Status;
+pub use status::{IoFailure, Status};
 pub use wire::{
     cm_accept_data, CmReject, CmRequest, Command, Completion, Sgl, WireError, CQE_LEN, SQE_LEN,
 };

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use crate::nvmf::backend::{Backend, BackendError, IoRequest, PoolBuf, QueueIo};
 use crate::nvmf::transport::{self, Shared, TransportError};
-use crate::nvmf::{ConfigError, NamespaceInfo, TargetConfig, TargetCore, TargetStats};
+use crate::nvmf::{ConfigError, IoFailure, NamespaceInfo, TargetConfig, TargetCore, TargetStats};
 use crate::p2p_alloc::{self as alloc, Placement, Pool};
 use crate::rdma::{self, Access, Context, Listener, MemoryKind, MemoryRegion, ProtectionDomain};
 
@@ -177,11 +177,11 @@ fn backends_read_into(pool: &Pool, backends: &[Arc<Backend>]) -> Result<(), Stri
                     .map_err(|e| what(e.to_string()))?;
                 match done.pop().and_then(QueueIo::done) {
                     Some(d) => d.result,
-                    None => Err(libc::ETIMEDOUT),
+                    None => Err(IoFailure::Errno(libc::ETIMEDOUT)),
                 }
             }
         };
-        result.map_err(|errno| what(std::io::Error::from_raw_os_error(errno).to_string()))?;
+        result.map_err(|f| what(f.to_string()))?;
     }
     Ok(())
 }

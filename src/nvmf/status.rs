@@ -142,6 +142,13 @@ impl Status {
         }
     }
 
+    /// A status a backend NVMe device returned (passthrough), as the target reports it:
+    /// its type, code, retry delay and DNR kept, More dropped (the target's own error log
+    /// does not hold the device's entry).
+    pub const fn from_device(raw: u16) -> Status {
+        Status(raw & !(1 << 13) & 0x7fff)
+    }
+
     fn name(self) -> &'static str {
         match self.code() {
             Status::SUCCESS => "success",
@@ -193,6 +200,48 @@ impl fmt::Display for Status {
     }
 }
 
+/// How a backend operation failed: an errno (block device, file, or the system call), or the
+/// NVMe status the backing device itself returned (passthrough), which the target passes on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoFailure {
+    /// A positive errno (a negative one is accepted too).
+    Errno(i32),
+    /// The device's NVMe status.
+    Device(Status),
+}
+
+impl IoFailure {
+    /// The status to complete a command with: the device's own status as it was (see
+    /// [`Status::from_device`]), or an errno mapped by [`Status::from_io_errno`].
+    pub fn status(self, is_write: bool) -> Status {
+        match self {
+            IoFailure::Errno(e) => Status::from_io_errno(e, is_write),
+            IoFailure::Device(s) => s,
+        }
+    }
+}
+
+impl std::fmt::Display for IoFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IoFailure::Errno(e) => {
+                write!(
+                    f,
+                    "{}",
+                    std::io::Error::from_raw_os_error(e.unsigned_abs() as i32)
+                )
+            }
+            IoFailure::Device(s) => write!(f, "the device returned NVMe status {s}"),
+        }
+    }
+}
+
+impl From<i32> for IoFailure {
+    fn from(errno: i32) -> IoFailure {
+        IoFailure::Errno(errno)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,6 +259,19 @@ mod tests {
         assert_eq!(s.code(), Status::CONNECT_INVALID_PARAM);
         assert_eq!(Status::WRITE_FAULT.0, 0x280);
         assert_eq!(Status::LBA_OUT_OF_RANGE.0, 0x80);
+    }
+
+    #[test]
+    fn device_status_passes_through() {
+        // Deallocated or Unwritten Logical Block (SCT 2, SC 0x87) with DNR and More set.
+        let raw = (1 << 14) | (1 << 13) | (2 << 8) | 0x87;
+        let s = IoFailure::Device(Status::from_device(raw)).status(false);
+        assert_eq!((s.sct(), s.sc(), s.dnr()), (2, 0x87, true));
+        assert_eq!(s.0 & (1 << 13), 0, "More is dropped");
+        assert_eq!(
+            IoFailure::from(libc::EIO).status(true),
+            Status::WRITE_FAULT.with_dnr()
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use peerpipe::nvmf::{
-    Action, CmRequest, Command, Completion, IoOp, QueueCore, Sgl, Status, DISCOVERY_NQN,
+    Action, CmRequest, Command, Completion, IoFailure, IoOp, QueueCore, Sgl, Status, DISCOVERY_NQN,
 };
 
 use super::support::*;
@@ -171,7 +171,11 @@ fn check_action(
                 IoOp::Flush => {}
             }
             let res = if r.below(3) == 0 {
-                Err([libc::EIO, libc::ENOSPC, libc::EINVAL][r.below(3) as usize])
+                Err(match r.below(4) {
+                    // A passthrough device's own status (Unrecovered Read Error, DNR).
+                    3 => IoFailure::Device(Status::from_device((1 << 14) | (2 << 8) | 0x81)),
+                    i => IoFailure::Errno([libc::EIO, libc::ENOSPC, libc::EINVAL][i as usize]),
+                })
             } else {
                 Ok(())
             };

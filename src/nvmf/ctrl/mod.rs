@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::config::{ConfigError, TargetConfig};
-use super::status::Status;
+use super::status::{IoFailure, Status};
 use super::wire::{CmReject, CmRequest, Command, Completion, Sgl, ADMIN_QUEUE_SIZE};
 use state::{Counters, Limits, Namespace, Shared, Subsystem, CNTLID_MIN};
 
@@ -466,8 +466,9 @@ impl QueueCore {
         }
     }
 
-    /// A backend I/O from [`Action::Io`] finished: `Ok(())` or the (positive) errno.
-    pub fn on_io_done(&mut self, cid: u16, result: Result<(), i32>) -> Completion {
+    /// A backend I/O from [`Action::Io`] finished: `Ok(())`, an errno, or the device's own
+    /// NVMe status (passed on as it was).
+    pub fn on_io_done(&mut self, cid: u16, result: Result<(), IoFailure>) -> Completion {
         let kind = match self.pending.remove(&cid) {
             Some(Pending::Io { kind, bytes }) => Some((kind, bytes)),
             Some(other) => {
@@ -493,7 +494,7 @@ impl QueueCore {
                 }
                 Status::SUCCESS
             }
-            (Some((kind, _)), Err(errno)) => Status::from_io_errno(errno, kind != IoKind::Read),
+            (Some((kind, _)), Err(f)) => f.status(kind != IoKind::Read),
         };
         if !status.is_success() {
             self.core.lock().counters.errors += 1;

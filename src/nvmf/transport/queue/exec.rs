@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use super::{rdma_err, recv_request, Queue, QueueError, SQE_LEN, WR_READ, WR_SEND, WR_WRITE};
 use crate::nvmf::backend::{IoDone, IoRequest, PoolBuf};
-use crate::nvmf::{Action, Command, Completion, IoCommand, IoOp, Sgl};
+use crate::nvmf::{Action, Command, Completion, IoCommand, IoFailure, IoOp, Sgl};
 use crate::p2p_alloc::Buffer;
 use crate::rdma::{RemoteBuf, SendOp, SendRequest};
 use crate::uring;
@@ -27,7 +27,7 @@ pub(super) struct Cmd {
     /// Backend operations still in flight (a Flush of every namespace has several), and the
     /// first error among those done.
     ios_left: u32,
-    io_err: Option<i32>,
+    io_err: Option<IoFailure>,
 }
 
 pub(super) enum Stage {
@@ -335,7 +335,9 @@ impl Queue<'_> {
                 .map(|_| Started::Yes);
         }
         let Some(&backend) = self.shared.namespaces.get(&(io.subsystem, io.nsid)) else {
-            let c = self.core.on_io_done(io.cid, Err(libc::ENODEV));
+            let c = self
+                .core
+                .on_io_done(io.cid, Err(IoFailure::Errno(libc::ENODEV)));
             return self.respond(idx, c, None).map(|_| Started::Yes);
         };
         self.cmd(idx)?.ios_left = 1;
