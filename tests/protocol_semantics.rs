@@ -6,7 +6,8 @@
 
 use peerpipe::pipeline::{Layout, PrimaryAction, PrimaryCore, ReplicaAction, ReplicaCore};
 use peerpipe::protocol::{
-    flags, Config, Message, PrimarySide, ProtocolError, ReplicaSide, ReplicaTarget, Status,
+    flags, Config, Message, MessageKind, PrimarySide, ProtocolError, ReplicaSide, ReplicaTarget,
+    Status,
 };
 
 const CAP: u64 = 1 << 30;
@@ -76,7 +77,13 @@ fn replica_refuses_the_primarys_fin_before_every_block_is_acked() {
     )
     .unwrap_err();
     assert!(
-        matches!(e, ProtocolError::Unexpected { got: "fin", .. }),
+        matches!(
+            e,
+            ProtocolError::Unexpected {
+                got: MessageKind::Fin,
+                ..
+            }
+        ),
         "{e}"
     );
     assert!(!rep.is_finished());
@@ -136,7 +143,13 @@ fn replica_refuses_a_fin_claiming_more_than_it_wrote() {
     )
     .unwrap_err();
     assert!(
-        matches!(e, ProtocolError::Mismatch { kind: "fin", .. }),
+        matches!(
+            e,
+            ProtocolError::Mismatch {
+                kind: MessageKind::Fin,
+                ..
+            }
+        ),
         "{e}"
     );
 }
@@ -170,7 +183,13 @@ fn replica_fin_before_the_primarys_is_a_violation_of_that_replica_alone() {
     assert!(out.contains(&PrimaryAction::Send {
         replica: 1,
         msg: Message::Abort {
-            status: Status::Protocol(ProtocolError::Unexpected { got: "", state: "" }.code()),
+            status: Status::Protocol(
+                ProtocolError::Unexpected {
+                    got: MessageKind::Fin,
+                    state: ""
+                }
+                .code()
+            ),
             seq: u64::MAX
         }
     }));
@@ -225,7 +244,13 @@ fn primary_checks_the_replicas_fin_counts_against_its_ok_acks() {
         })
         .unwrap_err();
     assert!(
-        matches!(e, ProtocolError::Mismatch { kind: "fin", .. }),
+        matches!(
+            e,
+            ProtocolError::Mismatch {
+                kind: MessageKind::Fin,
+                ..
+            }
+        ),
         "{e}"
     );
     p.on_receive(&Message::Fin {
@@ -248,7 +273,7 @@ fn verify_request_without_verify_negotiated_is_refused() {
         matches!(
             e,
             ProtocolError::Unexpected {
-                got: "verify-request",
+                got: MessageKind::VerifyRequest,
                 ..
             }
         ),
@@ -387,7 +412,7 @@ fn hello_not_aligned_to_the_replicas_logical_block_size_is_refused() {
             matches!(
                 e,
                 ProtocolError::Mismatch {
-                    kind: "hello",
+                    kind: MessageKind::Hello,
                     expected: 4096,
                     ..
                 }

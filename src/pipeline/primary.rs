@@ -9,7 +9,7 @@ use super::flow::Window;
 use super::ledger::{BlockState, Ledger, Mismatches};
 use super::range::{ByteRange, Layout};
 use super::stats::LatencyHistogram;
-use crate::protocol::{flags, Message, PrimarySide, ProtocolError, Status};
+use crate::protocol::{flags, Message, MessageKind, PrimarySide, ProtocolError, Status};
 
 /// Where a replica said a block may be written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -371,7 +371,7 @@ impl PrimaryCore {
                     return self.violation(
                         replica,
                         ProtocolError::BadSequence {
-                            kind: "block-written",
+                            kind: MessageKind::BlockWritten,
                             seq,
                             why: "not in flight",
                         },

@@ -3,7 +3,9 @@
 //! out. Keeping I/O out makes every rule testable on a host.
 
 use super::range::Layout;
-use crate::protocol::{Message, ProtocolError, ReplicaSide, ReplicaTarget, Status, MAX_BLOCK_SIZE};
+use crate::protocol::{
+    Message, MessageKind, ProtocolError, ReplicaSide, ReplicaTarget, Status, MAX_BLOCK_SIZE,
+};
 
 /// What the adapter must do next, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -170,12 +172,12 @@ impl ReplicaCore {
             }
             Message::BlockSent { seq, .. } => {
                 let layout = self.layout.ok_or(ProtocolError::Unexpected {
-                    got: "block-sent",
+                    got: MessageKind::BlockSent,
                     state: "waiting for hello",
                 })?;
                 let slot = self.slots.iter().position(|s| *s == Some(seq)).ok_or(
                     ProtocolError::BadSequence {
-                        kind: "block-sent",
+                        kind: MessageKind::BlockSent,
                         seq,
                         why: "no buffer holds it",
                     },
@@ -183,7 +185,7 @@ impl ReplicaCore {
                 // Offset and length from our own layout: the message's copies were checked
                 // equal, but we never write where the peer says, only where we computed.
                 let b = layout.block(seq).ok_or(ProtocolError::BadSequence {
-                    kind: "block-sent",
+                    kind: MessageKind::BlockSent,
                     seq,
                     why: "beyond the last block",
                 })?;
@@ -199,7 +201,7 @@ impl ReplicaCore {
                     self.layout
                         .and_then(|l| l.block(seq))
                         .ok_or(ProtocolError::BadSequence {
-                            kind: "verify-request",
+                            kind: MessageKind::VerifyRequest,
                             seq,
                             why: "beyond the last block",
                         })?;
@@ -220,7 +222,7 @@ impl ReplicaCore {
             // ReplicaSide::on_receive already rejected everything else.
             other => {
                 return Err(ProtocolError::Unexpected {
-                    got: other.name(),
+                    got: other.kind(),
                     state: "replicating",
                 })
             }

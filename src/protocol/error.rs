@@ -1,6 +1,6 @@
 //! Why a message or a conversation step was rejected.
 
-use super::{Status, MSG_LEN, VERSION};
+use super::{MessageKind, Status, MSG_LEN, VERSION};
 
 /// Why a message or a conversation step was rejected.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -36,15 +36,23 @@ pub enum ProtocolError {
     #[error("non-zero reserved bytes in a {kind} message")]
     Reserved {
         /// Message kind.
-        kind: &'static str,
+        kind: MessageKind,
     },
     /// A field is out of its range regardless of context.
     #[error("{kind}: {what}")]
     BadField {
         /// Message kind.
-        kind: &'static str,
+        kind: MessageKind,
         /// What is wrong.
         what: &'static str,
+    },
+    /// A status word's kind (its high 16 bits) is unknown, or `Ok` carries a value.
+    /// [`Message::decode`](super::Message::decode) reports it as a [`ProtocolError::BadField`]
+    /// of the message that carried it.
+    #[error("unknown status word {got:#010x}")]
+    BadStatus {
+        /// Status word received.
+        got: u32,
     },
     /// The proposed configuration is invalid.
     #[error("bad configuration: {what}")]
@@ -56,7 +64,7 @@ pub enum ProtocolError {
     #[error("unexpected {got} message while {state}")]
     Unexpected {
         /// Message kind received.
-        got: &'static str,
+        got: MessageKind,
         /// What the receiver was waiting for.
         state: &'static str,
     },
@@ -64,7 +72,7 @@ pub enum ProtocolError {
     #[error("{kind}: sequence {seq} rejected: {why}")]
     BadSequence {
         /// Message kind.
-        kind: &'static str,
+        kind: MessageKind,
         /// Sequence number received.
         seq: u64,
         /// Why.
@@ -74,7 +82,7 @@ pub enum ProtocolError {
     #[error("{kind} seq {seq}: {what} is {got}, expected {expected}")]
     Mismatch {
         /// Message kind.
-        kind: &'static str,
+        kind: MessageKind,
         /// Block.
         seq: u64,
         /// Field.
@@ -103,7 +111,7 @@ impl ProtocolError {
             ProtocolError::BadVersion { .. } => 3,
             ProtocolError::UnknownKind { .. } => 4,
             ProtocolError::Reserved { .. } => 5,
-            ProtocolError::BadField { .. } => 6,
+            ProtocolError::BadField { .. } | ProtocolError::BadStatus { .. } => 6,
             ProtocolError::BadConfig { .. } => 7,
             ProtocolError::Unexpected { .. } => 8,
             ProtocolError::BadSequence { .. } => 9,

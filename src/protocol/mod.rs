@@ -71,7 +71,7 @@ mod wire;
 
 pub use error::ProtocolError;
 pub use session::{PrimarySide, ReplicaSide, ReplicaTarget};
-pub use wire::Message;
+pub use wire::{Message, MessageKind};
 
 /// Hello flags.
 pub mod flags {
@@ -189,7 +189,7 @@ impl Status {
     /// Parses the wire form.
     ///
     /// # Errors
-    /// [`ProtocolError::BadField`] for an unknown kind or a non-zero value with `Ok`.
+    /// [`ProtocolError::BadStatus`] for an unknown kind or a non-zero value with `Ok`.
     pub fn from_wire(w: u32) -> Result<Status, ProtocolError> {
         let v = (w & 0xffff) as u16;
         Ok(match w >> 16 {
@@ -198,12 +198,7 @@ impl Status {
             2 => Status::Nvme(v),
             3 => Status::Protocol(v),
             4 => Status::Refused(v),
-            _ => {
-                return Err(ProtocolError::BadField {
-                    kind: "status",
-                    what: "unknown status kind",
-                })
-            }
+            _ => return Err(ProtocolError::BadStatus { got: w }),
         })
     }
 

@@ -9,7 +9,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{flags, Config, Message, ProtocolError, Status, MAX_BLOCK_SIZE, MAX_WINDOW};
+use super::{
+    flags, Config, Message, MessageKind, ProtocolError, Status, MAX_BLOCK_SIZE, MAX_WINDOW,
+};
 
 /// What a replica's target and buffers can take; every `Hello` is checked against it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,7 +45,7 @@ impl ReplicaTarget {
         if c.range_offset % lba != 0 || c.range_len % lba != 0 || u64::from(c.block_size) % lba != 0
         {
             return Err(ProtocolError::Mismatch {
-                kind: "hello",
+                kind: MessageKind::Hello,
                 seq: 0,
                 what: "lba_size (range offset, length and block size must be multiples of this replica's logical block size)",
                 got: c.lba_size.into(),
@@ -53,7 +55,7 @@ impl ReplicaTarget {
         let end = c.range_offset.saturating_add(c.range_len);
         if end > self.capacity {
             return Err(ProtocolError::Mismatch {
-                kind: "hello",
+                kind: MessageKind::Hello,
                 seq: 0,
                 what: "range end (beyond this replica's target)",
                 got: end,
@@ -62,7 +64,7 @@ impl ReplicaTarget {
         }
         if c.block_size > self.slot_bytes.min(MAX_BLOCK_SIZE) {
             return Err(ProtocolError::Mismatch {
-                kind: "hello",
+                kind: MessageKind::Hello,
                 seq: 0,
                 what: "block_size (larger than this replica's buffers)",
                 got: c.block_size.into(),
@@ -73,6 +75,16 @@ impl ReplicaTarget {
     }
 }
 
+/// Where a block that was advertised and not yet acked stands.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Open {
+    /// `BufferReady` went (or came); no `BlockSent` yet.
+    Advertised,
+    /// `BlockSent` went (or came); no `BlockWritten` yet.
+    Sent,
+}
+
 /// Block progress shared by both sides: the advertising cursor, the open blocks, the verify
 /// bookkeeping and the `Ok` totals.
 #[derive(Debug)]
@@ -80,8 +92,8 @@ struct Blocks {
     config: Config,
     window: u32,
     next_advert: u64,
-    /// Advertised and not yet acked; `true` once its `BlockSent` went (or came).
-    open: BTreeMap<u64, bool>,
+    /// Advertised and not yet acked.
+    open: BTreeMap<u64, Open>,
     /// Acked `Ok`, read-back not asked yet (verify only).
     verifiable: BTreeSet<u64>,
     /// Read-back asked, not answered.
@@ -113,7 +125,7 @@ impl Blocks {
         &mut self,
         seq: u64,
         len: Option<u32>,
-        kind: &'static str,
+        kind: MessageKind,
     ) -> Result<(), ProtocolError> {
         let bad = |why| Err(ProtocolError::BadSequence { kind, seq, why });
         let Some(want) = self.config.block_len(seq) else {
@@ -134,16 +146,16 @@ impl Blocks {
         if self.open.len() >= self.window as usize {
             return bad("more buffers advertised than the granted window");
         }
-        self.open.insert(seq, false);
+        self.open.insert(seq, Open::Advertised);
         self.next_advert += 1;
         Ok(())
     }
 
     /// Records the `BlockSent` of `seq` (sent by the primary, received by the replica).
-    fn sent(&mut self, seq: u64, kind: &'static str) -> Result<(), ProtocolError> {
+    fn sent(&mut self, seq: u64, kind: MessageKind) -> Result<(), ProtocolError> {
         match self.open.get_mut(&seq) {
-            Some(s @ false) => {
-                *s = true;
+            Some(s @ Open::Advertised) => {
+                *s = Open::Sent;
                 Ok(())
             }
             _ => Err(ProtocolError::BadSequence {
@@ -155,8 +167,8 @@ impl Blocks {
     }
 
     /// Records the ack of `seq` with `status`.
-    fn acked(&mut self, seq: u64, status: Status, kind: &'static str) -> Result<(), ProtocolError> {
-        if self.open.get(&seq) != Some(&true) {
+    fn acked(&mut self, seq: u64, status: Status, kind: MessageKind) -> Result<(), ProtocolError> {
+        if self.open.get(&seq) != Some(&Open::Sent) {
             return Err(ProtocolError::BadSequence {
                 kind,
                 seq,
@@ -176,7 +188,7 @@ impl Blocks {
 
     /// Records a `VerifyRequest` for `seq`.
     fn verify_asked(&mut self, seq: u64) -> Result<(), ProtocolError> {
-        let kind = "verify-request";
+        let kind = MessageKind::VerifyRequest;
         if !self.verify() {
             return Err(ProtocolError::Unexpected {
                 got: kind,
@@ -208,7 +220,7 @@ impl Blocks {
             Ok(())
         } else {
             Err(ProtocolError::BadSequence {
-                kind: "verify-result",
+                kind: MessageKind::VerifyResult,
                 seq,
                 why: "no verify request outstanding for this block",
             })
@@ -271,7 +283,7 @@ impl PrimarySide {
         self.finished
     }
 
-    fn blocks_mut(&mut self, kind: &'static str) -> Result<&mut Blocks, ProtocolError> {
+    fn blocks_mut(&mut self, kind: MessageKind) -> Result<&mut Blocks, ProtocolError> {
         self.blocks.as_mut().ok_or(ProtocolError::Unexpected {
             got: kind,
             state: "waiting for hello-ack",
@@ -284,7 +296,8 @@ impl PrimarySide {
     /// [`ProtocolError::BadSequence`] if `seq` was not advertised or was already sent; this is
     /// a bug on the primary, reported rather than sent.
     pub fn on_sent(&mut self, seq: u64) -> Result<(), ProtocolError> {
-        self.blocks_mut("block-sent")?.sent(seq, "block-sent")
+        self.blocks_mut(MessageKind::BlockSent)?
+            .sent(seq, MessageKind::BlockSent)
     }
 
     /// Records that the primary sent `VerifyRequest` for `seq`.
@@ -294,7 +307,8 @@ impl PrimarySide {
     /// is not acked `Ok`, was already asked, or `window` read-backs are outstanding
     /// (see [`PrimarySide::can_verify`]).
     pub fn on_verify_request(&mut self, seq: u64) -> Result<(), ProtocolError> {
-        self.blocks_mut("verify-request")?.verify_asked(seq)
+        self.blocks_mut(MessageKind::VerifyRequest)?
+            .verify_asked(seq)
     }
 
     /// Records that the primary sends `Fin`.
@@ -306,7 +320,7 @@ impl PrimarySide {
         let settled = self.blocks.as_ref().is_some_and(Blocks::settled);
         if !settled || self.fin_sent {
             return Err(ProtocolError::Unexpected {
-                got: "fin",
+                got: MessageKind::Fin,
                 state: "blocks still in flight to this replica, or fin already sent",
             });
         }
@@ -322,7 +336,7 @@ impl PrimarySide {
     pub fn on_receive(&mut self, msg: &Message) -> Result<(), ProtocolError> {
         let unexpected = |state| {
             Err(ProtocolError::Unexpected {
-                got: msg.name(),
+                got: msg.kind(),
                 state,
             })
         };
@@ -345,15 +359,17 @@ impl PrimarySide {
         }
         match *msg {
             Message::BufferReady { seq, len, .. } => {
-                blocks.advertise(seq, Some(len), "buffer-ready")
+                blocks.advertise(seq, Some(len), MessageKind::BufferReady)
             }
-            Message::BlockWritten { seq, status } => blocks.acked(seq, status, "block-written"),
+            Message::BlockWritten { seq, status } => {
+                blocks.acked(seq, status, MessageKind::BlockWritten)
+            }
             Message::VerifyResult { seq, len, .. } => {
                 blocks.verify_answered(seq)?;
                 let want = self.config.block_len(seq).unwrap_or(0);
                 if len != want {
                     return Err(ProtocolError::Mismatch {
-                        kind: "verify-result",
+                        kind: MessageKind::VerifyResult,
                         seq,
                         what: "len",
                         got: len.into(),
@@ -371,7 +387,7 @@ impl PrimarySide {
                 }
                 let fin_mismatch = |what, got, expected| {
                     Err(ProtocolError::Mismatch {
-                        kind: "fin",
+                        kind: MessageKind::Fin,
                         seq: 0,
                         what,
                         got,
@@ -399,7 +415,7 @@ impl PrimarySide {
     ) -> Result<(), ProtocolError> {
         let mismatch = |what, got, expected| {
             Err(ProtocolError::Mismatch {
-                kind: "hello-ack",
+                kind: MessageKind::HelloAck,
                 seq: 0,
                 what,
                 got,
@@ -462,7 +478,7 @@ impl ReplicaSide {
             .map_or((0, 0), |b| (b.ok_blocks, b.ok_bytes))
     }
 
-    fn blocks_mut(&mut self, kind: &'static str) -> Result<&mut Blocks, ProtocolError> {
+    fn blocks_mut(&mut self, kind: MessageKind) -> Result<&mut Blocks, ProtocolError> {
         self.blocks.as_mut().ok_or(ProtocolError::Unexpected {
             got: kind,
             state: "waiting for hello",
@@ -475,8 +491,8 @@ impl ReplicaSide {
     /// [`ProtocolError::BadSequence`] if `seq` is outside the range, not the next in order,
     /// or the granted window is full.
     pub fn on_advertise(&mut self, seq: u64) -> Result<(), ProtocolError> {
-        self.blocks_mut("buffer-ready")?
-            .advertise(seq, None, "buffer-ready")
+        self.blocks_mut(MessageKind::BufferReady)?
+            .advertise(seq, None, MessageKind::BufferReady)
     }
 
     /// Records that the replica acked `seq` with `status` (a non-`Ok` status settles the
@@ -485,8 +501,8 @@ impl ReplicaSide {
     /// # Errors
     /// [`ProtocolError::BadSequence`] if `seq` was not received or was already acked.
     pub fn on_ack(&mut self, seq: u64, status: Status) -> Result<(), ProtocolError> {
-        self.blocks_mut("block-written")?
-            .acked(seq, status, "block-written")
+        self.blocks_mut(MessageKind::BlockWritten)?
+            .acked(seq, status, MessageKind::BlockWritten)
     }
 
     /// Records that the replica answered the `VerifyRequest` for `seq`.
@@ -494,7 +510,8 @@ impl ReplicaSide {
     /// # Errors
     /// [`ProtocolError::BadSequence`] if no read-back of `seq` was asked.
     pub fn on_verify_done(&mut self, seq: u64) -> Result<(), ProtocolError> {
-        self.blocks_mut("verify-result")?.verify_answered(seq)
+        self.blocks_mut(MessageKind::VerifyResult)?
+            .verify_answered(seq)
     }
 
     /// Checks a message received from the primary.
@@ -504,7 +521,7 @@ impl ReplicaSide {
     pub fn on_receive(&mut self, msg: &Message) -> Result<(), ProtocolError> {
         let unexpected = |state| {
             Err(ProtocolError::Unexpected {
-                got: msg.name(),
+                got: msg.kind(),
                 state,
             })
         };
@@ -528,21 +545,21 @@ impl ReplicaSide {
             Message::BlockSent { seq, offset, len } => {
                 let Some(want) = blocks.config.block_len(seq) else {
                     return Err(ProtocolError::BadSequence {
-                        kind: "block-sent",
+                        kind: MessageKind::BlockSent,
                         seq,
                         why: "beyond the last block",
                     });
                 };
-                if blocks.open.get(&seq) != Some(&false) {
+                if blocks.open.get(&seq) != Some(&Open::Advertised) {
                     return Err(ProtocolError::BadSequence {
-                        kind: "block-sent",
+                        kind: MessageKind::BlockSent,
                         seq,
                         why: "no buffer advertised for it, or already received",
                     });
                 }
                 let mismatch = |what, got, expected| {
                     Err(ProtocolError::Mismatch {
-                        kind: "block-sent",
+                        kind: MessageKind::BlockSent,
                         seq,
                         what,
                         got,
@@ -556,7 +573,7 @@ impl ReplicaSide {
                 if len != want {
                     return mismatch("len", len.into(), want.into());
                 }
-                blocks.sent(seq, "block-sent")
+                blocks.sent(seq, MessageKind::BlockSent)
             }
             Message::VerifyRequest { seq } => blocks.verify_asked(seq),
             Message::Fin {
@@ -570,7 +587,7 @@ impl ReplicaSide {
                 }
                 if n > blocks.ok_blocks || b > blocks.ok_bytes {
                     return Err(ProtocolError::Mismatch {
-                        kind: "fin",
+                        kind: MessageKind::Fin,
                         seq: 0,
                         what: "blocks replicated (more than this replica acked ok)",
                         got: n,

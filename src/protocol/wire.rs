@@ -1,5 +1,7 @@
 //! Message encoding and context-free decoding.
 
+use std::fmt;
+
 use super::{
     Config, ProtocolError, Status, HEADER_LEN, MAGIC, MAX_BLOCK_SIZE, MAX_WINDOW, MSG_LEN, VERSION,
 };
@@ -78,17 +80,77 @@ pub enum Message {
     },
 }
 
-/// Wire type codes.
-mod kind {
-    pub const HELLO: u8 = 1;
-    pub const HELLO_ACK: u8 = 2;
-    pub const BUFFER_READY: u8 = 3;
-    pub const BLOCK_SENT: u8 = 4;
-    pub const BLOCK_WRITTEN: u8 = 5;
-    pub const VERIFY_REQUEST: u8 = 6;
-    pub const VERIFY_RESULT: u8 = 7;
-    pub const FIN: u8 = 8;
-    pub const ABORT: u8 = 9;
+/// The type code in byte 5 of every message header.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MessageKind {
+    /// [`Message::Hello`].
+    Hello = 1,
+    /// [`Message::HelloAck`].
+    HelloAck = 2,
+    /// [`Message::BufferReady`].
+    BufferReady = 3,
+    /// [`Message::BlockSent`].
+    BlockSent = 4,
+    /// [`Message::BlockWritten`].
+    BlockWritten = 5,
+    /// [`Message::VerifyRequest`].
+    VerifyRequest = 6,
+    /// [`Message::VerifyResult`].
+    VerifyResult = 7,
+    /// [`Message::Fin`].
+    Fin = 8,
+    /// [`Message::Abort`].
+    Abort = 9,
+}
+
+impl MessageKind {
+    /// Short name for errors and logs (`"block-sent"`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            MessageKind::Hello => "hello",
+            MessageKind::HelloAck => "hello-ack",
+            MessageKind::BufferReady => "buffer-ready",
+            MessageKind::BlockSent => "block-sent",
+            MessageKind::BlockWritten => "block-written",
+            MessageKind::VerifyRequest => "verify-request",
+            MessageKind::VerifyResult => "verify-result",
+            MessageKind::Fin => "fin",
+            MessageKind::Abort => "abort",
+        }
+    }
+}
+
+impl TryFrom<u8> for MessageKind {
+    type Error = ProtocolError;
+
+    /// The kind with wire code `code`; [`ProtocolError::UnknownKind`] for any other byte.
+    fn try_from(code: u8) -> Result<MessageKind, ProtocolError> {
+        Ok(match code {
+            1 => MessageKind::Hello,
+            2 => MessageKind::HelloAck,
+            3 => MessageKind::BufferReady,
+            4 => MessageKind::BlockSent,
+            5 => MessageKind::BlockWritten,
+            6 => MessageKind::VerifyRequest,
+            7 => MessageKind::VerifyResult,
+            8 => MessageKind::Fin,
+            9 => MessageKind::Abort,
+            got => return Err(ProtocolError::UnknownKind { got }),
+        })
+    }
+}
+
+impl From<MessageKind> for u8 {
+    fn from(k: MessageKind) -> u8 {
+        k as u8
+    }
+}
+
+impl fmt::Display for MessageKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// Little-endian writer into a fixed message buffer.
@@ -98,11 +160,11 @@ struct Writer {
 }
 
 impl Writer {
-    fn new(k: u8) -> Writer {
+    fn new(k: MessageKind) -> Writer {
         let mut buf = [0u8; MSG_LEN];
         buf[0..4].copy_from_slice(&MAGIC.to_le_bytes());
         buf[4] = VERSION;
-        buf[5] = k;
+        buf[5] = k.into();
         Writer {
             buf,
             at: HEADER_LEN,
@@ -124,7 +186,7 @@ impl Writer {
 struct Reader<'a> {
     buf: &'a [u8; MSG_LEN],
     at: usize,
-    kind: &'static str,
+    kind: MessageKind,
 }
 
 impl Reader<'_> {
@@ -153,25 +215,30 @@ impl Reader<'_> {
 }
 
 impl Message {
+    /// The message's kind (its wire type code).
+    pub fn kind(&self) -> MessageKind {
+        match self {
+            Message::Hello(_) => MessageKind::Hello,
+            Message::HelloAck { .. } => MessageKind::HelloAck,
+            Message::BufferReady { .. } => MessageKind::BufferReady,
+            Message::BlockSent { .. } => MessageKind::BlockSent,
+            Message::BlockWritten { .. } => MessageKind::BlockWritten,
+            Message::VerifyRequest { .. } => MessageKind::VerifyRequest,
+            Message::VerifyResult { .. } => MessageKind::VerifyResult,
+            Message::Fin { .. } => MessageKind::Fin,
+            Message::Abort { .. } => MessageKind::Abort,
+        }
+    }
+
     /// Short name for errors and logs.
     pub fn name(&self) -> &'static str {
-        match self {
-            Message::Hello(_) => "hello",
-            Message::HelloAck { .. } => "hello-ack",
-            Message::BufferReady { .. } => "buffer-ready",
-            Message::BlockSent { .. } => "block-sent",
-            Message::BlockWritten { .. } => "block-written",
-            Message::VerifyRequest { .. } => "verify-request",
-            Message::VerifyResult { .. } => "verify-result",
-            Message::Fin { .. } => "fin",
-            Message::Abort { .. } => "abort",
-        }
+        self.kind().name()
     }
 
     /// Serialises into the fixed wire form.
     pub fn encode(&self) -> [u8; MSG_LEN] {
         let w = match *self {
-            Message::Hello(c) => Writer::new(kind::HELLO)
+            Message::Hello(c) => Writer::new(MessageKind::Hello)
                 .u32(c.replica_id)
                 .u32(c.block_size)
                 .u32(c.lba_size)
@@ -183,7 +250,7 @@ impl Message {
                 replica_id,
                 window,
                 capacity,
-            } => Writer::new(kind::HELLO_ACK)
+            } => Writer::new(MessageKind::HelloAck)
                 .u32(replica_id)
                 .u32(window)
                 .u64(capacity),
@@ -192,32 +259,33 @@ impl Message {
                 addr,
                 rkey,
                 len,
-            } => Writer::new(kind::BUFFER_READY)
+            } => Writer::new(MessageKind::BufferReady)
                 .u64(seq)
                 .u64(addr)
                 .u32(rkey)
                 .u32(len),
-            Message::BlockSent { seq, offset, len } => {
-                Writer::new(kind::BLOCK_SENT).u64(seq).u64(offset).u32(len)
-            }
-            Message::BlockWritten { seq, status } => Writer::new(kind::BLOCK_WRITTEN)
+            Message::BlockSent { seq, offset, len } => Writer::new(MessageKind::BlockSent)
+                .u64(seq)
+                .u64(offset)
+                .u32(len),
+            Message::BlockWritten { seq, status } => Writer::new(MessageKind::BlockWritten)
                 .u64(seq)
                 .u32(status.to_wire()),
-            Message::VerifyRequest { seq } => Writer::new(kind::VERIFY_REQUEST).u64(seq),
+            Message::VerifyRequest { seq } => Writer::new(MessageKind::VerifyRequest).u64(seq),
             Message::VerifyResult {
                 seq,
                 len,
                 crc,
                 status,
-            } => Writer::new(kind::VERIFY_RESULT)
+            } => Writer::new(MessageKind::VerifyResult)
                 .u64(seq)
                 .u32(len)
                 .u32(crc)
                 .u32(status.to_wire()),
-            Message::Fin { blocks, bytes } => Writer::new(kind::FIN).u64(blocks).u64(bytes),
-            Message::Abort { status, seq } => {
-                Writer::new(kind::ABORT).u32(status.to_wire()).u64(seq)
-            }
+            Message::Fin { blocks, bytes } => Writer::new(MessageKind::Fin).u64(blocks).u64(bytes),
+            Message::Abort { status, seq } => Writer::new(MessageKind::Abort)
+                .u32(status.to_wire())
+                .u64(seq),
         };
         w.buf
     }
@@ -239,30 +307,18 @@ impl Message {
         if buf[4] != VERSION {
             return Err(ProtocolError::BadVersion { got: buf[4] });
         }
-        let k = buf[5];
-        let name = match k {
-            kind::HELLO => "hello",
-            kind::HELLO_ACK => "hello-ack",
-            kind::BUFFER_READY => "buffer-ready",
-            kind::BLOCK_SENT => "block-sent",
-            kind::BLOCK_WRITTEN => "block-written",
-            kind::VERIFY_REQUEST => "verify-request",
-            kind::VERIFY_RESULT => "verify-result",
-            kind::FIN => "fin",
-            kind::ABORT => "abort",
-            got => return Err(ProtocolError::UnknownKind { got }),
-        };
+        let k = MessageKind::try_from(buf[5])?;
         if buf[6] != 0 || buf[7] != 0 {
-            return Err(ProtocolError::Reserved { kind: name });
+            return Err(ProtocolError::Reserved { kind: k });
         }
         let mut r = Reader {
             buf,
             at: HEADER_LEN,
-            kind: name,
+            kind: k,
         };
-        let bad = |what| ProtocolError::BadField { kind: name, what };
+        let bad = |what| ProtocolError::BadField { kind: k, what };
         let msg = match k {
-            kind::HELLO => {
+            MessageKind::Hello => {
                 let c = Config {
                     replica_id: r.u32(),
                     block_size: r.u32(),
@@ -275,7 +331,7 @@ impl Message {
                 c.validate()?;
                 Message::Hello(c)
             }
-            kind::HELLO_ACK => {
+            MessageKind::HelloAck => {
                 let m = Message::HelloAck {
                     replica_id: r.u32(),
                     window: r.u32(),
@@ -288,7 +344,7 @@ impl Message {
                 }
                 m
             }
-            kind::BUFFER_READY => {
+            MessageKind::BufferReady => {
                 let (seq, addr, rkey, len) = (r.u64(), r.u64(), r.u32(), r.u32());
                 if len == 0 || len > MAX_BLOCK_SIZE {
                     return Err(bad("len must be 1..=64 MiB"));
@@ -303,7 +359,7 @@ impl Message {
                     len,
                 }
             }
-            kind::BLOCK_SENT => {
+            MessageKind::BlockSent => {
                 // Version 1 had a checksum here that nobody checked; it is reserved (zero) now.
                 let (seq, offset, len) = (r.u64(), r.u64(), r.u32());
                 if len == 0 || len > MAX_BLOCK_SIZE {
@@ -311,13 +367,13 @@ impl Message {
                 }
                 Message::BlockSent { seq, offset, len }
             }
-            kind::BLOCK_WRITTEN => {
+            MessageKind::BlockWritten => {
                 let seq = r.u64();
                 let status = r.status()?;
                 Message::BlockWritten { seq, status }
             }
-            kind::VERIFY_REQUEST => Message::VerifyRequest { seq: r.u64() },
-            kind::VERIFY_RESULT => {
+            MessageKind::VerifyRequest => Message::VerifyRequest { seq: r.u64() },
+            MessageKind::VerifyResult => {
                 let (seq, len, crc) = (r.u64(), r.u32(), r.u32());
                 let status = r.status()?;
                 if len > MAX_BLOCK_SIZE {
@@ -330,11 +386,11 @@ impl Message {
                     status,
                 }
             }
-            kind::FIN => Message::Fin {
+            MessageKind::Fin => Message::Fin {
                 blocks: r.u64(),
                 bytes: r.u64(),
             },
-            _ => {
+            MessageKind::Abort => {
                 let status = r.status()?;
                 Message::Abort {
                     status,
@@ -416,6 +472,22 @@ mod tests {
     }
 
     #[test]
+    fn message_kinds_round_trip_their_codes() {
+        for m in all_kinds() {
+            let k = m.kind();
+            assert_eq!(MessageKind::try_from(u8::from(k)), Ok(k));
+            assert_eq!(m.encode()[5], k as u8);
+            assert_eq!(k.to_string(), m.name());
+        }
+        for got in [0u8, 10, 255] {
+            assert_eq!(
+                MessageKind::try_from(got),
+                Err(ProtocolError::UnknownKind { got })
+            );
+        }
+    }
+
+    #[test]
     fn encoding_is_little_endian_and_fixed() {
         let w = Message::BufferReady {
             seq: 0x0102,
@@ -483,14 +555,18 @@ mod tests {
         w[7] = 1;
         assert_eq!(
             Message::decode(&w),
-            Err(ProtocolError::Reserved { kind: "fin" })
+            Err(ProtocolError::Reserved {
+                kind: MessageKind::Fin
+            })
         );
         // Padding after the body must be zero too.
         let mut w = good;
         w[63] = 1;
         assert_eq!(
             Message::decode(&w),
-            Err(ProtocolError::Reserved { kind: "fin" })
+            Err(ProtocolError::Reserved {
+                kind: MessageKind::Fin
+            })
         );
     }
 
@@ -597,7 +673,9 @@ mod tests {
         w[28] = 0x78;
         assert_eq!(
             Message::decode(&w),
-            Err(ProtocolError::Reserved { kind: "block-sent" })
+            Err(ProtocolError::Reserved {
+                kind: MessageKind::BlockSent
+            })
         );
     }
 }
