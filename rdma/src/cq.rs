@@ -2,7 +2,7 @@
 //! whose (non-blocking) fd any event loop can poll (epoll, io_uring `POLL_ADD`).
 
 use std::collections::HashMap;
-use std::os::fd::RawFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -10,7 +10,8 @@ use rdma_sys::*;
 
 use crate::device::Context;
 use crate::error::{Error, Result, WcStatus};
-use crate::qp::QpShared;
+use crate::fd::{set_nonblocking, wait_readable};
+use crate::inflight::QpShared;
 
 /// A completion channel: the fd becomes readable when an armed CQ has a new completion.
 #[derive(Clone)]
@@ -44,7 +45,7 @@ impl CompletionChannel {
     /// `Verbs { op: "ibv_create_comp_channel" | "fcntl" }`.
     pub fn new(ctx: &Context) -> Result<CompletionChannel> {
         // SAFETY: valid context.
-        let ch = unsafe { ibv_create_comp_channel(ctx.raw()) };
+        let ch = unsafe { ibv_create_comp_channel(ctx.as_raw()) };
         if ch.is_null() {
             return Err(Error::last_os("ibv_create_comp_channel"));
         }
@@ -58,13 +59,16 @@ impl CompletionChannel {
         Ok(c)
     }
 
-    /// The fd to poll for readability (non-blocking).
-    pub fn fd(&self) -> RawFd {
-        // SAFETY: ch is valid while self lives.
-        unsafe { (*self.inner.ch).fd }
+    /// The fd to poll for readability (non-blocking; the same as [`AsFd::as_fd`]).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the channel's fd stays open until ibv_destroy_comp_channel, which runs when
+        // the last clone is dropped; the borrow of self outlives neither.
+        unsafe { BorrowedFd::borrow_raw((*self.inner.ch).fd) }
     }
 
-    fn raw(&self) -> *mut ibv_comp_channel {
+    /// The raw handle (the `ibv_comp_channel`), for verbs calls this crate does not wrap. Valid while
+    /// `self` (or a clone) lives; do not destroy it.
+    pub fn as_raw(&self) -> *mut ibv_comp_channel {
         self.inner.ch
     }
 
@@ -78,7 +82,7 @@ impl CompletionChannel {
         let mut cq: *mut ibv_cq = std::ptr::null_mut();
         let mut ctx: *mut libc::c_void = std::ptr::null_mut();
         // SAFETY: valid channel; non-blocking fd so this returns EAGAIN when empty.
-        let rc = unsafe { ibv_get_cq_event(self.raw(), &mut cq, &mut ctx) };
+        let rc = unsafe { ibv_get_cq_event(self.as_raw(), &mut cq, &mut ctx) };
         if rc != 0 {
             let errno = crate::error::last_errno();
             if errno == libc::EAGAIN {
@@ -96,45 +100,16 @@ impl CompletionChannel {
     }
 }
 
+impl AsFd for CompletionChannel {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd()
+    }
+}
+
 /// Which completion queue a channel event was for ([`CompletionChannel::take_event`],
 /// [`CompletionQueue::id`]); only an identity, it cannot reach the CQ.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CqId(usize);
-
-pub(crate) fn set_nonblocking(fd: RawFd) -> Result<()> {
-    // SAFETY: fcntl on an fd we own.
-    let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    // SAFETY: as above.
-    if fl < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) } < 0 {
-        return Err(Error::last_os("fcntl"));
-    }
-    Ok(())
-}
-
-/// Waits up to `timeout` for `fd` to become readable; true if readable.
-pub(crate) fn wait_readable(fds: &[RawFd], timeout: Duration) -> Result<Vec<bool>> {
-    let mut p: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-    loop {
-        // SAFETY: valid pollfd array.
-        let rc = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, ms) };
-        if rc < 0 {
-            let errno = crate::error::last_errno();
-            if errno == libc::EINTR {
-                continue;
-            }
-            return Err(Error::Verbs { op: "poll", errno });
-        }
-        return Ok(p.iter().map(|x| x.revents != 0).collect());
-    }
-}
 
 /// Opcode of a completion (`enum ibv_wc_opcode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -295,9 +270,12 @@ impl CompletionQueue {
         entries: u32,
         channel: Option<CompletionChannel>,
     ) -> Result<CompletionQueue> {
-        let ch = channel.as_ref().map_or(std::ptr::null_mut(), |c| c.raw());
+        let ch = channel
+            .as_ref()
+            .map_or(std::ptr::null_mut(), |c| c.as_raw());
         // SAFETY: valid context and (optional) channel of the same device.
-        let cq = unsafe { ibv_create_cq(ctx.raw(), entries as i32, std::ptr::null_mut(), ch, 0) };
+        let cq =
+            unsafe { ibv_create_cq(ctx.as_raw(), entries as i32, std::ptr::null_mut(), ch, 0) };
         if cq.is_null() {
             return Err(Error::last_os("ibv_create_cq"));
         }
@@ -311,7 +289,9 @@ impl CompletionQueue {
         })
     }
 
-    pub(crate) fn raw(&self) -> *mut ibv_cq {
+    /// The raw handle (the `ibv_cq`), for verbs calls this crate does not wrap. Valid while
+    /// `self` (or a clone) lives; do not destroy it.
+    pub fn as_raw(&self) -> *mut ibv_cq {
         self.inner.cq
     }
 
@@ -341,7 +321,7 @@ impl CompletionQueue {
         let mut wcs = [const { std::mem::MaybeUninit::<ibv_wc>::uninit() }; BATCH];
         let want = out.len().min(BATCH);
         // SAFETY: valid CQ, array of at least `want` entries.
-        let n = unsafe { ibv_poll_cq(self.raw(), want as i32, wcs[0].as_mut_ptr()) };
+        let n = unsafe { ibv_poll_cq(self.as_raw(), want as i32, wcs[0].as_mut_ptr()) };
         if n < 0 {
             return Err(Error::Verbs {
                 op: "ibv_poll_cq",
@@ -355,7 +335,7 @@ impl CompletionQueue {
                 // SAFETY: ibv_poll_cq wrote the first n entries.
                 let c = Completion::from_raw(unsafe { wc.assume_init_ref() });
                 if let Some(qp) = qps.get(&c.qp_num).and_then(Weak::upgrade) {
-                    qp.release(&c);
+                    qp.release(c.wr_id, c.status == WcStatus::Success, c.opcode.is_recv());
                 }
                 out[i] = c;
             }
@@ -413,7 +393,7 @@ impl CompletionQueue {
     /// `Verbs { op: "ibv_req_notify_cq" }`.
     pub fn arm(&self, solicited_only: bool) -> Result<()> {
         // SAFETY: valid CQ.
-        let rc = unsafe { ibv_req_notify_cq(self.raw(), solicited_only as i32) };
+        let rc = unsafe { ibv_req_notify_cq(self.as_raw(), solicited_only as i32) };
         if rc != 0 {
             return Err(Error::from_ret("ibv_req_notify_cq", rc));
         }
@@ -437,7 +417,7 @@ impl CompletionQueue {
         let mut cq: *mut ibv_cq = std::ptr::null_mut();
         let mut ctx: *mut libc::c_void = std::ptr::null_mut();
         // SAFETY: valid channel; non-blocking fd so this returns EAGAIN when empty.
-        let rc = unsafe { ibv_get_cq_event(ch.raw(), &mut cq, &mut ctx) };
+        let rc = unsafe { ibv_get_cq_event(ch.as_raw(), &mut cq, &mut ctx) };
         if rc != 0 {
             let errno = crate::error::last_errno();
             if errno == libc::EAGAIN {
@@ -471,7 +451,7 @@ impl CompletionQueue {
         &self,
         out: &mut [Completion],
         timeout: Duration,
-        extra_fds: &[RawFd],
+        extra_fds: &[BorrowedFd<'_>],
     ) -> Result<(usize, Vec<bool>)> {
         let fd = match &self.inner.channel {
             Some(c) => c.fd(),
@@ -501,7 +481,7 @@ impl CompletionQueue {
                     after: timeout,
                 });
             }
-            let mut fds = vec![fd];
+            let mut fds = vec![fd.as_fd()];
             fds.extend_from_slice(extra_fds);
             let ready = wait_readable(&fds, left)?;
             if ready[0] {

@@ -138,7 +138,9 @@ impl Context {
         &self.inner.name
     }
 
-    pub(crate) fn raw(&self) -> *mut ibv_context {
+    /// The raw handle (the `ibv_context`), for verbs calls this crate does not wrap. Valid while
+    /// `self` (or a clone) lives; do not destroy it.
+    pub fn as_raw(&self) -> *mut ibv_context {
         self.inner.ctx
     }
 
@@ -155,7 +157,7 @@ impl Context {
         // SAFETY: zeroed POD out-struct, valid context.
         let mut a: ibv_device_attr = unsafe { std::mem::zeroed() };
         // SAFETY: as above.
-        let rc = unsafe { ibv_query_device(self.raw(), &mut a) };
+        let rc = unsafe { ibv_query_device(self.as_raw(), &mut a) };
         if rc != 0 {
             return Err(Error::from_ret("ibv_query_device", rc));
         }
@@ -196,7 +198,7 @@ impl Context {
         // SAFETY: zeroed POD out-struct.
         let mut a: ibv_port_attr = unsafe { std::mem::zeroed() };
         // SAFETY: valid context and out pointer.
-        let rc = unsafe { ___ibv_query_port(self.raw(), port, &mut a) };
+        let rc = unsafe { ___ibv_query_port(self.as_raw(), port, &mut a) };
         if rc != 0 {
             return Err(Error::from_ret("ibv_query_port", rc));
         }
@@ -222,7 +224,7 @@ impl Context {
             // SAFETY: zeroed union of plain bytes.
             let mut gid: ibv_gid = unsafe { std::mem::zeroed() };
             // SAFETY: valid context and out pointer.
-            let rc = unsafe { ibv_query_gid(self.raw(), port, index as i32, &mut gid) };
+            let rc = unsafe { ibv_query_gid(self.as_raw(), port, index as i32, &mut gid) };
             if rc != 0 {
                 continue; // empty / invalid slots answer an error on some kernels
             }
@@ -260,8 +262,8 @@ impl Context {
         loop {
             // SAFETY: zeroed init attr filled below with live CQ pointers.
             let mut attr: ibv_qp_init_attr = unsafe { std::mem::zeroed() };
-            attr.send_cq = cq.raw();
-            attr.recv_cq = cq.raw();
+            attr.send_cq = cq.as_raw();
+            attr.recv_cq = cq.as_raw();
             attr.qp_type = ibv_qp_type::IBV_QPT_RC;
             attr.cap.max_send_wr = 1;
             attr.cap.max_recv_wr = 1;
@@ -269,7 +271,7 @@ impl Context {
             attr.cap.max_recv_sge = 1;
             attr.cap.max_inline_data = want;
             // SAFETY: valid PD and attr.
-            let qp = unsafe { ibv_create_qp(pd.raw(), &mut attr) };
+            let qp = unsafe { ibv_create_qp(pd.as_raw(), &mut attr) };
             if !qp.is_null() {
                 let got = attr.cap.max_inline_data;
                 // SAFETY: qp was just created and is destroyed once.

@@ -350,7 +350,7 @@ pub enum MemoryKind {
 
 /// Maps an `ibv_reg_mr` failure to the right error. `mapping` is the backing file of the range
 /// (from /proc/self/maps) when known.
-pub fn reg_mr_error(
+pub(crate) fn reg_mr_error(
     errno: i32,
     kind: MemoryKind,
     addr: usize,
@@ -386,18 +386,18 @@ pub fn reg_mr_error(
 
 /// True for the paths a p2pmem mapping shows in /proc/self/maps: `/dev/p2pmemN` or a sysfs
 /// `.../p2pmem/allocate` file.
-pub fn is_p2pmem_path(path: &str) -> bool {
+fn is_p2pmem_path(path: &str) -> bool {
     path.starts_with("/dev/p2pmem") || path.contains("/p2pmem/")
 }
 
 /// The backing path of the mapping containing `addr`, from /proc/self/maps.
-pub fn mapping_path(addr: usize) -> Option<String> {
+pub(crate) fn mapping_path(addr: usize) -> Option<String> {
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
     maps_lookup(&maps, addr)
 }
 
 /// Finds the mapping containing `addr` in /proc/self/maps text; returns its path (if any).
-pub fn maps_lookup(maps: &str, addr: usize) -> Option<String> {
+fn maps_lookup(maps: &str, addr: usize) -> Option<String> {
     for line in maps.lines() {
         let mut fields = line.split_whitespace();
         let range = fields.next()?;

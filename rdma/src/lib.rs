@@ -33,6 +33,8 @@ mod cm;
 mod cq;
 mod device;
 mod error;
+mod fd;
+mod inflight;
 mod mr;
 mod mw;
 mod pd;
@@ -48,10 +50,7 @@ pub use device::{
     device_names, mtu_bytes, Context, DeviceAttributes, GidEntry, GidType, PortAttributes,
     PortState,
 };
-pub use error::{
-    is_p2pmem_path, mapping_path, reg_mr_error, Error, MemoryKind, PeerMemoryCause, Result,
-    WcStatus,
-};
+pub use error::{Error, MemoryKind, PeerMemoryCause, Result, WcStatus};
 pub use mr::{MemoryRegion, RemoteBuf, Sge};
 pub use mw::MemoryWindow;
 pub use pd::ProtectionDomain;

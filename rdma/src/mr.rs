@@ -196,8 +196,8 @@ impl MemoryRegion {
         // SAFETY: valid PD; the range is the caller's responsibility.
         let mr = unsafe {
             match iova {
-                Some(v) => ibv_reg_mr_iova(pd.raw(), ptr.cast(), len, v, flags),
-                None => ibv_reg_mr(pd.raw(), ptr.cast(), len, flags),
+                Some(v) => ibv_reg_mr_iova(pd.as_raw(), ptr.cast(), len, v, flags),
+                None => ibv_reg_mr(pd.as_raw(), ptr.cast(), len, flags),
             }
         };
         if mr.is_null() {
@@ -292,7 +292,7 @@ impl MemoryRegion {
     ) -> Result<MemoryRegion> {
         // SAFETY: valid PD; fd validity is the caller's contract.
         let mr =
-            unsafe { ibv_reg_dmabuf_mr(pd.raw(), offset, len, iova, fd, access.bits() as i32) };
+            unsafe { ibv_reg_dmabuf_mr(pd.as_raw(), offset, len, iova, fd, access.bits() as i32) };
         if mr.is_null() {
             let errno = crate::error::last_errno();
             if matches!(
@@ -359,7 +359,9 @@ impl MemoryRegion {
     pub fn pd(&self) -> &ProtectionDomain {
         &self.inner.pd
     }
-    pub(crate) fn raw(&self) -> *mut ibv_mr {
+    /// The raw handle (the `ibv_mr`), for verbs calls this crate does not wrap. Valid while
+    /// `self` (or a clone) lives; do not destroy it.
+    pub fn as_raw(&self) -> *mut ibv_mr {
         self.inner.mr
     }
 

@@ -48,7 +48,7 @@ impl MemoryWindow {
     /// `Verbs { op: "ibv_alloc_mw" }` otherwise (ENOMEM: out of windows).
     pub fn alloc(pd: &ProtectionDomain) -> Result<MemoryWindow> {
         // SAFETY: valid PD.
-        let mw = unsafe { ibv_alloc_mw(pd.raw(), ibv_mw_type::IBV_MW_TYPE_2) };
+        let mw = unsafe { ibv_alloc_mw(pd.as_raw(), ibv_mw_type::IBV_MW_TYPE_2) };
         let mw = match mw {
             Some(p) if !p.is_null() => p,
             _ => {
@@ -89,7 +89,9 @@ impl MemoryWindow {
         self.next_rkey().1
     }
 
-    pub(crate) fn raw(&self) -> *mut ibv_mw {
+    /// The raw handle (the `ibv_mw`), for verbs calls this crate does not wrap. Valid while
+    /// `self` (or a clone) lives; do not destroy it.
+    pub fn as_raw(&self) -> *mut ibv_mw {
         self.inner.mw
     }
 

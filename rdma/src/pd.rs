@@ -47,7 +47,7 @@ impl ProtectionDomain {
     /// `Verbs { op: "ibv_alloc_pd" }`: ENOMEM when the device is out of PDs.
     pub fn new(ctx: &Context) -> Result<ProtectionDomain> {
         // SAFETY: valid context.
-        let pd = unsafe { ibv_alloc_pd(ctx.raw()) };
+        let pd = unsafe { ibv_alloc_pd(ctx.as_raw()) };
         if pd.is_null() {
             return Err(Error::last_os("ibv_alloc_pd"));
         }
@@ -64,7 +64,9 @@ impl ProtectionDomain {
         &self.inner.ctx
     }
 
-    pub(crate) fn raw(&self) -> *mut ibv_pd {
+    /// The raw handle (the `ibv_pd`), for verbs calls this crate does not wrap. Valid while
+    /// `self` (or a clone) lives; do not destroy it.
+    pub fn as_raw(&self) -> *mut ibv_pd {
         self.inner.pd
     }
 }

@@ -2,12 +2,14 @@
 //! ownership held until completion, and shared receive queues.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use rdma_sys::*;
 
-use crate::cq::{Completion, CompletionQueue};
+use crate::cm::CmId;
+use crate::cq::CompletionQueue;
 use crate::error::{Error, Result};
+use crate::inflight::{lock, InFlight, InFlightQueue, QpShared};
 use crate::mr::MemoryRegion;
 use crate::mw::MemoryWindow;
 use crate::pd::ProtectionDomain;
@@ -68,9 +70,12 @@ impl QpInit {
     pub(crate) fn raw_attr(&self) -> ibv_qp_init_attr {
         // SAFETY: plain C struct, zero is valid for every field.
         let mut a: ibv_qp_init_attr = unsafe { std::mem::zeroed() };
-        a.send_cq = self.send_cq.raw();
-        a.recv_cq = self.recv_cq.raw();
-        a.srq = self.srq.as_ref().map_or(std::ptr::null_mut(), |s| s.raw());
+        a.send_cq = self.send_cq.as_raw();
+        a.recv_cq = self.recv_cq.as_raw();
+        a.srq = self
+            .srq
+            .as_ref()
+            .map_or(std::ptr::null_mut(), |s| s.as_raw());
         a.qp_type = ibv_qp_type::IBV_QPT_RC;
         a.cap.max_send_wr = self.caps.max_send_wr;
         a.cap.max_recv_wr = if self.srq.is_some() {
@@ -89,39 +94,6 @@ impl QpInit {
     }
 }
 
-/// Buffers (and windows) a posted work request holds until its completion is reaped.
-pub(crate) struct InFlight {
-    wr_id: u64,
-    /// Whether this WR produces a completion on success (receives always do). Ids need not
-    /// be unique, so a success completion is matched to the oldest *signalled* entry.
-    signaled: bool,
-    _regions: Held,
-    _window: Option<MemoryWindow>,
-}
-
-/// The regions one WR keeps alive. Most WRs name zero or one region; holding those inline
-/// keeps posting free of heap allocations.
-#[allow(dead_code)] // the regions are held for their Drop, never read
-enum Held {
-    None,
-    One(MemoryRegion),
-    Many(Vec<MemoryRegion>),
-}
-
-impl Held {
-    fn of<'a>(mut mrs: impl Iterator<Item = &'a MemoryRegion>) -> Held {
-        match (mrs.next(), mrs.next()) {
-            (None, _) => Held::None,
-            (Some(a), None) => Held::One(a.clone()),
-            (Some(a), Some(b)) => {
-                let mut v = vec![a.clone(), b.clone()];
-                v.extend(mrs.cloned());
-                Held::Many(v)
-            }
-        }
-    }
-}
-
 /// Refuses a chain that binds the same window twice. The provider builds every WQE of a
 /// chain from the window's key as it is at post time, and the device checks that key
 /// against the window's current one, so a second bind of the window in the same chain
@@ -130,7 +102,7 @@ fn check_one_bind_per_window(wrs: &[SendRequest]) -> Result<()> {
     // Chains are short: compare each bind with the WRs before it rather than collect the
     // windows (no allocation on the post path).
     let bound = |w: &SendRequest| match &w.op {
-        SendOp::BindWindow { window, .. } => Some(window.raw()),
+        SendOp::BindWindow { window, .. } => Some(window.as_raw()),
         _ => None,
     };
     for (i, w) in wrs.iter().enumerate() {
@@ -202,76 +174,6 @@ unsafe fn with_zeroed<T, R>(n: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
     }
 }
 
-/// Per-QP state shared with the CQs (weakly) so reaping a completion releases its buffers.
-pub(crate) struct QpShared {
-    send: Mutex<VecDeque<InFlight>>,
-    recv: Mutex<VecDeque<InFlight>>,
-    srq: Option<SharedReceiveQueue>,
-    same_cq: bool,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Removes the entry a completion with `wr_id` belongs to (and, for an in-order queue,
-/// everything before it: earlier unsignalled WRs are complete once a later one is). A success
-/// completion belongs to the oldest signalled entry with that id; an error completion (also
-/// produced for unsignalled WRs) to the oldest entry with that id. Returns whether one was
-/// found.
-fn release_in(q: &mut VecDeque<InFlight>, wr_id: u64, in_order: bool, success: bool) -> bool {
-    match q
-        .iter()
-        .position(|e| e.wr_id == wr_id && (e.signaled || !success))
-    {
-        Some(pos) if in_order => {
-            q.drain(..=pos);
-            true
-        }
-        Some(pos) => {
-            q.remove(pos);
-            true
-        }
-        None => false,
-    }
-}
-
-impl QpShared {
-    pub(crate) fn release(&self, c: &Completion) {
-        let ok = c.status == crate::WcStatus::Success;
-        let recv_side = if ok {
-            c.opcode.is_recv()
-        } else if self.same_cq {
-            // error completions carry no opcode: a send WR if we have one with that id
-            !lock(&self.send).iter().any(|e| e.wr_id == c.wr_id)
-        } else {
-            false // decided by the caller's CQ role below
-        };
-        if recv_side {
-            match &self.srq {
-                Some(srq) => {
-                    release_in(&mut lock(&srq.inner.inflight), c.wr_id, false, ok);
-                }
-                None => {
-                    release_in(&mut lock(&self.recv), c.wr_id, true, ok);
-                }
-            }
-        } else if !release_in(&mut lock(&self.send), c.wr_id, true, ok) && !self.same_cq {
-            // A separate recv CQ delivered an error completion: it is a receive.
-            match &self.srq {
-                Some(srq) => release_in(&mut lock(&srq.inner.inflight), c.wr_id, false, ok),
-                None => release_in(&mut lock(&self.recv), c.wr_id, true, ok),
-            };
-        }
-    }
-}
-
-/// Where a QP's verbs handle comes from (and how it is destroyed).
-pub(crate) enum QpOwner {
-    /// Created by rdma_create_qp on this cm id; destroyed with rdma_destroy_qp.
-    Cm(Arc<crate::cm::CmIdInner>),
-}
-
 /// A reliable-connected queue pair (created through rdma_cm: [`crate::Connector`] /
 /// [`crate::ConnectRequest`]).
 ///
@@ -280,7 +182,8 @@ pub(crate) enum QpOwner {
 pub struct QueuePair {
     qp: *mut ibv_qp,
     shared: Arc<QpShared>,
-    owner: QpOwner,
+    /// The rdma_cm id the QP was created on (and is destroyed through).
+    id: Arc<CmId>,
     init: QpInit,
     caps: QpCaps,
 }
@@ -291,10 +194,9 @@ unsafe impl Sync for QueuePair {}
 
 impl Drop for QueuePair {
     fn drop(&mut self) {
-        let QpOwner::Cm(id) = &self.owner;
         // SAFETY: the QP was created on this id by rdma_create_qp; destroyed once. After this
         // the NIC no longer touches the buffers of in-flight WRs, so releasing them is safe.
-        unsafe { rdma_destroy_qp(id.raw()) };
+        unsafe { rdma_destroy_qp(self.id.as_raw()) };
         let num = self.qp_num();
         for cq in [&self.init.send_cq, &self.init.recv_cq] {
             lock(&cq.inner.qps).remove(&num);
@@ -306,15 +208,15 @@ impl Drop for QueuePair {
 
 impl QueuePair {
     /// Creates the QP on a cm id (its device must be the PD's).
-    pub(crate) fn create_on_cm(id: Arc<crate::cm::CmIdInner>, init: &QpInit) -> Result<QueuePair> {
+    pub(crate) fn create_on_cm(id: Arc<CmId>, init: &QpInit) -> Result<QueuePair> {
         let mut attr = init.raw_attr();
         // SAFETY: valid id and PD; attr points to live CQs/SRQ which `init` keeps alive.
-        let rc = unsafe { rdma_create_qp(id.raw(), init.pd.raw(), &mut attr) };
+        let rc = unsafe { rdma_create_qp(id.as_raw(), init.pd.as_raw(), &mut attr) };
         if rc != 0 {
             return Err(Error::from_ret("rdma_create_qp", rc));
         }
         // SAFETY: rdma_create_qp set id->qp.
-        let qp = unsafe { (*id.raw()).qp };
+        let qp = unsafe { (*id.as_raw()).qp };
         let caps = QpCaps {
             max_send_wr: attr.cap.max_send_wr,
             max_recv_wr: attr.cap.max_recv_wr,
@@ -322,12 +224,10 @@ impl QueuePair {
             max_recv_sge: attr.cap.max_recv_sge,
             max_inline_data: attr.cap.max_inline_data,
         };
-        let shared = Arc::new(QpShared {
-            send: Mutex::new(VecDeque::new()),
-            recv: Mutex::new(VecDeque::new()),
-            srq: init.srq.clone(),
-            same_cq: Arc::ptr_eq(&init.send_cq.inner, &init.recv_cq.inner),
-        });
+        let shared = Arc::new(QpShared::new(
+            init.srq.as_ref().map(|s| s.inner.inflight.clone()),
+            Arc::ptr_eq(&init.send_cq.inner, &init.recv_cq.inner),
+        ));
         // SAFETY: qp valid.
         let num = unsafe { (*qp).qp_num };
         for cq in [&init.send_cq, &init.recv_cq] {
@@ -336,10 +236,16 @@ impl QueuePair {
         Ok(QueuePair {
             qp,
             shared,
-            owner: QpOwner::Cm(id),
+            id,
             init: init.clone(),
             caps,
         })
+    }
+
+    /// The raw handle (the `ibv_qp`), for verbs calls this crate does not wrap. Valid while
+    /// `self` lives; do not destroy or modify its state (the connection owns that).
+    pub fn as_raw(&self) -> *mut ibv_qp {
+        self.qp
     }
 
     /// The QP number.
@@ -353,12 +259,15 @@ impl QueuePair {
         self.caps
     }
 
+    /// The protection domain the QP was created in.
     pub fn pd(&self) -> &ProtectionDomain {
         &self.init.pd
     }
+    /// The CQ send completions arrive on.
     pub fn send_cq(&self) -> &CompletionQueue {
         &self.init.send_cq
     }
+    /// The CQ receive completions arrive on.
     pub fn recv_cq(&self) -> &CompletionQueue {
         &self.init.recv_cq
     }
@@ -521,10 +430,10 @@ impl QueuePair {
                     r.opcode = ibv_wr_opcode::IBV_WR_BIND_MW;
                     let (_, next) = mw.next_rkey();
                     r.bind_mw_tso_union.bind_mw = bind_mw_t {
-                        mw: mw.raw(),
+                        mw: mw.as_raw(),
                         rkey: next,
                         bind_info: ibv_mw_bind_info {
-                            mr: mr.raw(),
+                            mr: mr.as_raw(),
                             addr: mr.iova() + offset,
                             length: *len,
                             mw_access_flags: access.bits(),
@@ -535,12 +444,12 @@ impl QueuePair {
                     bound_mr = Some(mr);
                 }
             }
-            q.push_back(InFlight {
-                wr_id: w.wr_id,
-                signaled: w.signaled,
-                _regions: Held::of(w.sges.iter().map(|s| &s.mr).chain(bound_mr)),
-                _window: window,
-            });
+            q.push_back(InFlight::new(
+                w.wr_id,
+                w.signaled,
+                w.sges.iter().map(|s| &s.mr).chain(bound_mr),
+                window,
+            ));
         }
         let head = link_chain!(sges, raw);
         let mut bad: *mut ibv_send_wr = std::ptr::null_mut();
@@ -617,7 +526,7 @@ impl QueuePair {
     /// `InvalidArgument` if the QP uses an SRQ (post there) or too many SGEs;
     /// `Verbs { op: "ibv_post_recv" }`: ENOMEM receive queue full.
     pub fn post_recv(&self, wrs: &[RecvRequest]) -> Result<()> {
-        if self.shared.srq.is_some() {
+        if self.init.srq.is_some() {
             return Err(Error::InvalidArgument {
                 op: "ibv_post_recv",
                 reason: "this QP takes receives from its shared receive queue".into(),
@@ -650,7 +559,7 @@ impl QueuePair {
 
 fn post_recv_chain(
     wrs: &[RecvRequest],
-    table: &Mutex<VecDeque<InFlight>>,
+    table: &InFlightQueue,
     post: impl FnOnce(*mut ibv_recv_wr, *mut *mut ibv_recv_wr) -> i32,
     op: &'static str,
 ) -> Result<()> {
@@ -671,12 +580,10 @@ fn post_recv_chain(
         let head = link_chain!(sges, raw);
         let mut q = lock(table);
         let before = q.len();
-        q.extend(wrs.iter().map(|w| InFlight {
-            wr_id: w.wr_id,
-            signaled: true,
-            _regions: Held::of(w.sges.iter().map(|s| &s.mr)),
-            _window: None,
-        }));
+        q.extend(
+            wrs.iter()
+                .map(|w| InFlight::new(w.wr_id, true, w.sges.iter().map(|s| &s.mr), None)),
+        );
         let mut bad: *mut ibv_recv_wr = std::ptr::null_mut();
         let rc = post(head, &mut bad);
         if rc != 0 {
@@ -703,7 +610,8 @@ pub struct SharedReceiveQueue {
 
 pub(crate) struct SrqInner {
     srq: *mut ibv_srq,
-    pub(crate) inflight: Mutex<VecDeque<InFlight>>,
+    /// Shared with the QPs using this SRQ, whose CQs release receives from it.
+    pub(crate) inflight: Arc<InFlightQueue>,
     pd: ProtectionDomain,
     max_sge: u32,
 }
@@ -734,21 +642,23 @@ impl SharedReceiveQueue {
         attr.attr.max_wr = max_wr;
         attr.attr.max_sge = max_sge;
         // SAFETY: valid PD and attr.
-        let srq = unsafe { ibv_create_srq(pd.raw(), &mut attr) };
+        let srq = unsafe { ibv_create_srq(pd.as_raw(), &mut attr) };
         if srq.is_null() {
             return Err(Error::last_os("ibv_create_srq"));
         }
         Ok(SharedReceiveQueue {
             inner: Arc::new(SrqInner {
                 srq,
-                inflight: Mutex::new(VecDeque::new()),
+                inflight: Arc::new(Mutex::new(VecDeque::new())),
                 pd: pd.clone(),
                 max_sge,
             }),
         })
     }
 
-    pub(crate) fn raw(&self) -> *mut ibv_srq {
+    /// The raw handle (the `ibv_srq`), for verbs calls this crate does not wrap. Valid while
+    /// `self` (or a clone) lives; do not destroy it.
+    pub fn as_raw(&self) -> *mut ibv_srq {
         self.inner.srq
     }
 
@@ -793,51 +703,5 @@ impl SharedReceiveQueue {
             },
             "ibv_post_srq_recv",
         )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn entry(wr_id: u64, signaled: bool) -> InFlight {
-        InFlight {
-            wr_id,
-            signaled,
-            _regions: Held::None,
-            _window: None,
-        }
-    }
-
-    #[test]
-    fn success_belongs_to_the_oldest_signalled_entry_with_its_id() {
-        // unsignalled control SENDs share the id of the signalled one that follows them
-        let mut q: VecDeque<_> = [
-            entry(7, false),
-            entry(7, false),
-            entry(9, true),
-            entry(7, true),
-            entry(7, false),
-        ]
-        .into();
-        assert!(release_in(&mut q, 7, true, true));
-        assert_eq!(q.len(), 1, "everything up to the signalled 7 is complete");
-        assert!(
-            !release_in(&mut q, 7, true, true),
-            "no success completion belongs to an unsignalled WR"
-        );
-        assert!(
-            release_in(&mut q, 7, true, false),
-            "an error completion does"
-        );
-        assert!(q.is_empty());
-    }
-
-    #[test]
-    fn unordered_queues_release_only_the_matching_entry() {
-        let mut q: VecDeque<_> = [entry(1, true), entry(2, true), entry(3, true)].into();
-        assert!(release_in(&mut q, 2, false, true));
-        assert_eq!(q.iter().map(|e| e.wr_id).collect::<Vec<_>>(), [1, 3]);
-        assert!(!release_in(&mut q, 2, false, true));
     }
 }

@@ -4,6 +4,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -713,7 +714,7 @@ fn completion_channel_fd_is_pollable() {
     peerpipe_testbed::require_testbed();
     let (c, s) = pair(20040, PairOpts::default());
     let ch = s.cq.channel().unwrap();
-    let fd = ch.fd();
+    let fd = ch.fd().as_raw_fd();
     // SAFETY: fcntl on a live fd.
     let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
     assert!(

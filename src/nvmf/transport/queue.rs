@@ -23,7 +23,6 @@
 //! fd only when its poll fired.
 
 use std::collections::VecDeque;
-use std::os::fd::BorrowedFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -405,10 +404,10 @@ impl<'a> Queue<'a> {
             source,
         };
         if self.cq_poll.is_none() {
-            // SAFETY: the channel fd stays open while `self.channel` lives, which outlives the
+            // Fd lifetime: the channel fd stays open while `self.channel` lives, which outlives the
             // ring's polls: teardown removes them, and the ring (declared before the channel)
             // drops first, cancelling any poll still armed.
-            let fd = unsafe { BorrowedFd::borrow_raw(self.channel.fd()) };
+            let fd = self.channel.fd();
             self.cq_poll = Some(
                 self.io
                     .ring()
@@ -417,8 +416,8 @@ impl<'a> Queue<'a> {
             );
         }
         if self.cm_poll.is_none() {
-            // SAFETY: as above, for the connection's event channel.
-            let fd = unsafe { BorrowedFd::borrow_raw(self.conn.event_fd()) };
+            // Fd lifetime: as above, for the connection's event channel.
+            let fd = self.conn.event_fd();
             self.cm_poll = Some(
                 self.io
                     .ring()

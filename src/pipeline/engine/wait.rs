@@ -11,7 +11,6 @@
 //! few empty rounds, sleeping 200 us (under emulation the kernel's rxe threads need the CPU
 //! more than the poller does).
 
-use std::os::fd::BorrowedFd;
 use std::time::Duration;
 
 use super::slots::DriveBuf;
@@ -102,17 +101,17 @@ impl Waiter {
                 "events mode with a CQ without a completion channel",
             ))?;
             if w.cq_poll.is_none() {
-                // SAFETY: the channel fd stays open while the link lives; links outlive the
+                // Fd lifetime: the channel fd stays open while the link lives; links outlive the
                 // ring's polls (`Waiter::drain` runs before the links are dropped).
-                let fd = unsafe { BorrowedFd::borrow_raw(ch.fd()) };
+                let fd = ch.fd();
                 w.cq_poll = Some(
                     ring.poll_add(fd, libc::POLLIN, false, POLL_TAG | (i as u64) << 1)
                         .map_err(|e| EngineError::ring("poll a completion channel", e))?,
                 );
             }
             if w.cm_poll.is_none() {
-                // SAFETY: as above, for the connection's rdma_cm event channel.
-                let fd = unsafe { BorrowedFd::borrow_raw(l.conn.event_fd()) };
+                // Fd lifetime: as above, for the connection's rdma_cm event channel.
+                let fd = l.conn.event_fd();
                 w.cm_poll = Some(
                     ring.poll_add(
                         fd,
