@@ -1,7 +1,8 @@
-//! Host tests of the replication engine's state machines (primary and replicas) wired
-//! together by a simulated transport: messages, RDMA writes checked against the advertised
-//! windows, drives as byte vectors, and completions delivered in random order. Failure
-//! injection: a replica dying mid-run, malformed messages, write errors, corrupted drives.
+//! Host tests of the pipeline cores (`PrimaryCore`, `ReplicaCore`: the I/O-free state
+//! machines under `src/pipeline/core/`), the primary and its replicas wired together by a
+//! simulated transport: messages, RDMA writes checked against the advertised windows, drives
+//! as byte vectors, and completions delivered in random order. Failure injection: a replica
+//! dying mid-run, malformed messages, write errors, corrupted drives.
 
 use std::collections::{HashMap, VecDeque};
 
