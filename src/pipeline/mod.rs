@@ -1,8 +1,11 @@
 //! The zero-copy replication pipeline: NVMe -> p2pmem -> RDMA WRITE -> remote p2pmem ->
 //! remote NVMe, with no CPU copy of the payload inside peerpipe.
 //!
-//! The rules live in I/O-free state machines ([`PrimaryCore`], [`ReplicaCore`], [`Ledger`],
-//! [`Window`]); [`engine`] carries out their actions with one io_uring ring per process (NVMe
+//! Where things live: the rules in I/O-free state machines, the *cores* (`pipeline/core/`:
+//! [`PrimaryCore`], [`ReplicaCore`], [`Ledger`], [`Window`]), above the per-connection wire
+//! validators of [`crate::protocol`] (`PrimarySide`, `ReplicaSide`); the *engines*
+//! (`pipeline/engine/`: [`engine::PrimaryEngine`], [`engine::ReplicaEngine`]) carry out the
+//! cores' actions with one io_uring ring per process (NVMe
 //! passthrough or O_DIRECT), RDMA connections whose completions are waited for in that same
 //! ring ([`engine::WaitMode`]), and a p2p-alloc buffer pool.
 //!
@@ -99,19 +102,16 @@
 
 mod checksum;
 mod copy;
+mod core;
 pub mod engine;
-mod flow;
-mod ledger;
-mod primary;
 mod range;
-mod replica;
 mod stats;
 
+pub use self::core::{
+    BlockState, Ledger, LedgerError, Mismatches, Outcome, PrimaryAction, PrimaryCore, Remote,
+    ReplicaAction, ReplicaCore, Window, WindowFull,
+};
 pub use checksum::{crc32c, Crc32c};
 pub use copy::CopyMeter;
-pub use flow::{Window, WindowFull};
-pub use ledger::{BlockState, Ledger, LedgerError, Mismatches};
-pub use primary::{Outcome, PrimaryAction, PrimaryCore, Remote};
 pub use range::{coalesce, Block, ByteRange, Layout, LayoutError};
-pub use replica::{ReplicaAction, ReplicaCore};
 pub use stats::{LatencyHistogram, Percentiles};

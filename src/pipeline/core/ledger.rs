@@ -1,6 +1,6 @@
 //! Per-block, per-replica replication state, and the "unreplicated ranges" report.
 
-use super::range::{coalesce, ByteRange, Layout};
+use crate::pipeline::range::{coalesce, ByteRange, Layout};
 use crate::protocol::Status;
 
 /// Where one block stands with one replica.

@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use super::flow::Window;
 use super::ledger::{BlockState, Ledger, Mismatches};
-use super::range::{ByteRange, Layout};
-use super::stats::LatencyHistogram;
+use crate::pipeline::range::{ByteRange, Layout};
+use crate::pipeline::stats::LatencyHistogram;
 use crate::protocol::{flags, Message, MessageKind, PrimarySide, ProtocolError, Status};
 
 /// Where a replica said a block may be written.
@@ -93,6 +93,39 @@ pub struct Outcome {
     pub verified_blocks: u64,
 }
 
+/// What the primary keeps per replica.
+#[derive(Debug)]
+struct Peer {
+    /// The connection's validator.
+    side: PrimarySide,
+    /// Still connected.
+    alive: bool,
+    /// Why it was lost or failed a block, first reason only.
+    error: Option<String>,
+    /// Buffers it advertised for blocks not sent yet.
+    adverts: HashMap<u64, Remote>,
+    /// Verify requests without an answer (at most its granted window).
+    verify_outstanding: u64,
+    /// Blocks acked `Ok` whose verify request waits for room in its window.
+    verify_queue: VecDeque<u64>,
+    /// It answered our `Fin`.
+    fin: bool,
+}
+
+impl Peer {
+    fn new(side: PrimarySide) -> Peer {
+        Peer {
+            side,
+            alive: true,
+            error: None,
+            adverts: HashMap::new(),
+            verify_outstanding: 0,
+            verify_queue: VecDeque::new(),
+            fin: false,
+        }
+    }
+}
+
 /// Primary state for one run to N replicas.
 #[derive(Debug)]
 pub struct PrimaryCore {
@@ -100,24 +133,17 @@ pub struct PrimaryCore {
     verify: bool,
     ledger: Ledger,
     window: Window,
-    sides: Vec<PrimarySide>,
-    alive: Vec<bool>,
-    errors: Vec<Option<String>>,
-    adverts: Vec<HashMap<u64, Remote>>,
+    /// Per replica, by index.
+    peers: Vec<Peer>,
     blocks: BTreeMap<u64, InFlight>,
     /// Source checksums (with verify).
     source_crc: HashMap<u64, u32>,
     /// Read start per block, until every replica acked it.
     started: HashMap<u64, Instant>,
     mismatches: Mismatches,
-    /// Verify requests without an answer, per replica (at most its granted window).
-    verify_outstanding: Vec<u64>,
-    /// Blocks acked `Ok` whose verify request waits for room in the window, per replica.
-    verify_queue: Vec<VecDeque<u64>>,
     latency: LatencyHistogram,
     source_failed: Option<String>,
     fin_sent: bool,
-    fins: Vec<bool>,
 }
 
 impl PrimaryCore {
@@ -137,28 +163,22 @@ impl PrimaryCore {
             });
         }
         let f = if verify { flags::VERIFY } else { 0 };
-        let sides = (0..replicas)
-            .map(|r| PrimarySide::new(layout.config(r as u32, window, f)))
+        let peers = (0..replicas)
+            .map(|r| PrimarySide::new(layout.config(r as u32, window, f)).map(Peer::new))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(PrimaryCore {
             layout,
             verify,
             ledger: Ledger::new(layout, replicas),
             window: Window::new(window as usize, layout.blocks()),
-            sides,
-            alive: vec![true; replicas],
-            errors: vec![None; replicas],
-            adverts: vec![HashMap::new(); replicas],
+            peers,
             blocks: BTreeMap::new(),
             source_crc: HashMap::new(),
             started: HashMap::new(),
             mismatches: Mismatches::new(replicas),
-            verify_outstanding: vec![0; replicas],
-            verify_queue: vec![VecDeque::new(); replicas],
             latency: LatencyHistogram::new(),
             source_failed: None,
             fin_sent: false,
-            fins: vec![false; replicas],
         })
     }
 
@@ -174,20 +194,20 @@ impl PrimaryCore {
 
     /// Replicas still connected.
     pub fn alive(&self) -> usize {
-        self.alive.iter().filter(|a| **a).count()
+        self.peers.iter().filter(|p| p.alive).count()
     }
 
     /// Whether replica `r` is still connected.
     pub fn is_alive(&self, r: usize) -> bool {
-        self.alive.get(r).copied().unwrap_or(false)
+        self.peers.get(r).is_some_and(|p| p.alive)
     }
 
     /// Sends the hellos and starts the first reads.
     pub fn start(&mut self, out: &mut Vec<PrimaryAction>) {
-        for (r, side) in self.sides.iter().enumerate() {
+        for (r, peer) in self.peers.iter().enumerate() {
             out.push(PrimaryAction::Send {
                 replica: r,
-                msg: Message::Hello(*side.config()),
+                msg: Message::Hello(*peer.side.config()),
             });
         }
         self.pump(out);
@@ -234,18 +254,23 @@ impl PrimaryCore {
             // are being aborted. Found by the primary_core fuzz target.
             return self.maybe_release(seq, out);
         }
-        let live: Vec<usize> = (0..self.alive.len()).filter(|&r| self.alive[r]).collect();
-        if !live.iter().all(|&r| self.adverts[r].contains_key(&seq)) {
+        let live: Vec<usize> = (0..self.peers.len())
+            .filter(|&r| self.peers[r].alive)
+            .collect();
+        if !live
+            .iter()
+            .all(|&r| self.peers[r].adverts.contains_key(&seq))
+        {
             return;
         }
         let len = self.layout.block(seq).map_or(0, |b| b.len);
         let offset = self.layout.block(seq).map_or(0, |b| b.offset);
         let mut writing = Vec::new();
         for &r in &live {
-            let Some(remote) = self.adverts[r].remove(&seq) else {
+            let Some(remote) = self.peers[r].adverts.remove(&seq) else {
                 continue;
             };
-            if self.sides[r].on_sent(seq).is_err() || self.ledger.sent(seq, r).is_err() {
+            if self.peers[r].side.on_sent(seq).is_err() || self.ledger.sent(seq, r).is_err() {
                 // Internal inconsistency: treat the replica as lost rather than guess.
                 self.lose(r, format!("internal: block {seq} could not be sent"), out);
                 continue;
@@ -305,8 +330,8 @@ impl PrimaryCore {
                     "source read of block {seq} ({}) failed: {e}",
                     b.map_or(String::new(), |r| r.to_string())
                 ));
-                for r in 0..self.alive.len() {
-                    if self.alive[r] {
+                for r in 0..self.peers.len() {
+                    if self.peers[r].alive {
                         out.push(PrimaryAction::Send {
                             replica: r,
                             msg: Message::Abort {
@@ -353,7 +378,7 @@ impl PrimaryCore {
             Ok(m) => m,
             Err(e) => return self.violation(replica, e, out),
         };
-        if let Err(e) = self.sides[replica].on_receive(&msg) {
+        if let Err(e) = self.peers[replica].side.on_receive(&msg) {
             return self.violation(replica, e, out);
         }
         match msg {
@@ -363,7 +388,9 @@ impl PrimaryCore {
                 rkey,
                 len,
             } => {
-                self.adverts[replica].insert(seq, Remote { addr, rkey, len });
+                self.peers[replica]
+                    .adverts
+                    .insert(seq, Remote { addr, rkey, len });
                 self.dispatch(seq, out);
             }
             Message::BlockWritten { seq, status } => {
@@ -379,10 +406,10 @@ impl PrimaryCore {
                     );
                 }
                 if status.is_ok() && self.verify {
-                    self.verify_queue[replica].push_back(seq);
+                    self.peers[replica].verify_queue.push_back(seq);
                     self.pump_verify(replica, out);
                 } else if !status.is_ok() {
-                    self.errors[replica].get_or_insert(format!(
+                    self.peers[replica].error.get_or_insert(format!(
                         "replica {replica} failed to write block {seq}: {status}"
                     ));
                 }
@@ -395,8 +422,8 @@ impl PrimaryCore {
             Message::VerifyResult {
                 seq, crc, status, ..
             } => {
-                self.verify_outstanding[replica] =
-                    self.verify_outstanding[replica].saturating_sub(1);
+                let peer = &mut self.peers[replica];
+                peer.verify_outstanding = peer.verify_outstanding.saturating_sub(1);
                 let range = self.layout.block(seq).map(|b| b.range());
                 let source = self.source_crc.get(&seq).copied();
                 if let (Some(range), Some(src)) = (range, source) {
@@ -409,9 +436,9 @@ impl PrimaryCore {
                 self.pump_verify(replica, out);
             }
             Message::Fin { .. } => {
-                self.fins[replica] = true;
+                self.peers[replica].fin = true;
                 out.push(PrimaryAction::Disconnect { replica });
-                self.alive[replica] = false;
+                self.peers[replica].alive = false;
             }
             _ => {}
         }
@@ -420,12 +447,13 @@ impl PrimaryCore {
 
     /// Sends queued verify requests to `replica` while its window of read-backs has room.
     fn pump_verify(&mut self, replica: usize, out: &mut Vec<PrimaryAction>) {
-        while self.sides[replica].can_verify() {
-            let Some(seq) = self.verify_queue[replica].pop_front() else {
+        let peer = &mut self.peers[replica];
+        while peer.side.can_verify() {
+            let Some(seq) = peer.verify_queue.pop_front() else {
                 break;
             };
-            if self.sides[replica].on_verify_request(seq).is_ok() {
-                self.verify_outstanding[replica] += 1;
+            if peer.side.on_verify_request(seq).is_ok() {
+                peer.verify_outstanding += 1;
                 out.push(PrimaryAction::Send {
                     replica,
                     msg: Message::VerifyRequest { seq },
@@ -459,12 +487,13 @@ impl PrimaryCore {
         if !self.is_alive(replica) {
             return;
         }
-        self.alive[replica] = false;
-        self.errors[replica].get_or_insert(why);
+        let peer = &mut self.peers[replica];
+        peer.alive = false;
+        peer.error.get_or_insert(why);
+        peer.adverts.clear();
+        peer.verify_outstanding = 0;
+        peer.verify_queue.clear();
         self.ledger.fail_replica(replica);
-        self.adverts[replica].clear();
-        self.verify_outstanding[replica] = 0;
-        self.verify_queue[replica].clear();
         out.push(PrimaryAction::Disconnect { replica });
         // Its writes can no longer complete; blocks waiting for its buffers may now proceed.
         let seqs: Vec<u64> = self.blocks.keys().copied().collect();
@@ -482,18 +511,20 @@ impl PrimaryCore {
         if self.fin_sent || !self.blocks.is_empty() || !self.ledger.is_settled() {
             return;
         }
-        if self.verify_outstanding.iter().any(|&n| n > 0)
-            || self.verify_queue.iter().any(|q| !q.is_empty())
+        if self
+            .peers
+            .iter()
+            .any(|p| p.verify_outstanding > 0 || !p.verify_queue.is_empty())
         {
             return;
         }
         self.fin_sent = true;
         let (blocks, bytes) = self.ledger.replicated_blocks_bytes();
-        for r in 0..self.alive.len() {
-            if !self.alive[r] {
+        for r in 0..self.peers.len() {
+            if !self.peers[r].alive {
                 continue;
             }
-            if let Err(e) = self.sides[r].on_fin_sent() {
+            if let Err(e) = self.peers[r].side.on_fin_sent() {
                 // Settled in the ledger but not on the wire: never end a run on a guess.
                 self.lose(r, format!("internal: fin to replica {r} refused: {e}"), out);
                 continue;
@@ -519,18 +550,18 @@ impl PrimaryCore {
     /// The verdict. Never success unless every block is acked by every replica and verified.
     pub fn outcome(&self) -> Outcome {
         let (replicated_blocks, replicated_bytes) = self.ledger.replicated_blocks_bytes();
-        let mut errors = self.errors.clone();
+        let mut errors: Vec<Option<String>> = self.peers.iter().map(|p| p.error.clone()).collect();
         if let Some(e) = &self.source_failed {
             for slot in errors.iter_mut() {
                 slot.get_or_insert_with(|| e.clone());
             }
         }
-        let mismatches: Vec<Vec<ByteRange>> = (0..self.alive.len())
+        let mismatches: Vec<Vec<ByteRange>> = (0..self.peers.len())
             .map(|r| self.mismatches.ranges(r))
             .collect();
         let verified_ok = !self.verify
             || (self.mismatches.is_clean()
-                && self.mismatches.checked() == self.layout.blocks() * self.alive.len() as u64);
+                && self.mismatches.checked() == self.layout.blocks() * self.peers.len() as u64);
         Outcome {
             success: self.ledger.all_replicated()
                 && verified_ok

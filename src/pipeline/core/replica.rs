@@ -2,7 +2,7 @@
 //! and I/O completions and emits [`ReplicaAction`]s for an adapter (RDMA + io_uring) to carry
 //! out. Keeping I/O out makes every rule testable on a host.
 
-use super::range::Layout;
+use crate::pipeline::range::Layout;
 use crate::protocol::{
     Message, MessageKind, ProtocolError, ReplicaSide, ReplicaTarget, Status, MAX_BLOCK_SIZE,
 };
