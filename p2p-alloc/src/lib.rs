@@ -6,7 +6,9 @@
 //!   `pci_p2pdma_distance()`;
 //! - [`pool::Pool`] maps chunks of provider (or host) memory once and hands out
 //!   [`pool::Buffer`]s from them; chunks are the unit of registration;
-//! - [`probe::Prober`] tests what the memory can be used for on this machine.
+//! - [`probe::Prober`] tests what the memory can be used for on this machine;
+//! - [`AlignedBuf`] is owned, aligned host memory on the heap: the one aligned host buffer
+//!   the io_uring and RDMA crates share.
 //!
 //! Everything that reads sysfs takes a [`SysRoot`], so it runs on recorded trees in tests.
 //!
@@ -35,6 +37,7 @@
 //! # Ok(()) }
 //! ```
 
+mod aligned;
 mod buddy;
 pub mod error;
 pub mod mapping;
@@ -44,6 +47,7 @@ pub mod provider;
 mod sysfs;
 pub mod topology;
 
+pub use aligned::{AlignedBuf, PAGE_ALIGN};
 pub use error::{Error, Result};
 pub use mapping::{Backing, Mapping};
 pub use pool::{Buffer, ChunkInfo, Placement, Pool, PoolBuilder, PoolStats};

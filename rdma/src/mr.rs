@@ -4,8 +4,9 @@
 //! this API never hands out Rust references into it: data moves in and out by copy
 //! ([`MemoryRegion::read_at`], [`MemoryRegion::write_at`]) or through raw pointers.
 
-use std::alloc::Layout;
 use std::sync::Arc;
+
+use peerpipe_p2p_alloc::{AlignedBuf, Error as AllocError, PAGE_ALIGN};
 
 use rdma_sys::*;
 
@@ -47,22 +48,6 @@ impl Drop for MrInner {
         }
         // `owner` (the memory) is dropped after this, never before.
         drop(self.owner.take());
-    }
-}
-
-/// A page-aligned zeroed heap buffer owned by a region.
-struct AlignedBuf {
-    ptr: *mut u8,
-    layout: Layout,
-}
-// SAFETY: a plain owned allocation.
-unsafe impl Send for AlignedBuf {}
-// SAFETY: as above.
-unsafe impl Sync for AlignedBuf {}
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated with this layout in `MemoryRegion::alloc`.
-        unsafe { std::alloc::dealloc(self.ptr, self.layout) };
     }
 }
 
@@ -226,36 +211,27 @@ impl MemoryRegion {
     /// # Errors
     /// As for [`register_raw`](Self::register_raw); `InvalidArgument` for zero length.
     pub fn alloc(pd: &ProtectionDomain, len: usize, access: Access) -> Result<MemoryRegion> {
-        let layout =
-            Layout::from_size_align(len.max(1), 4096).map_err(|e| Error::InvalidArgument {
-                op: "MemoryRegion::alloc",
-                reason: e.to_string(),
-            })?;
         if len == 0 {
             return Err(Error::InvalidArgument {
                 op: "ibv_reg_mr",
                 reason: "zero length".into(),
             });
         }
-        // SAFETY: non-zero size layout.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        if ptr.is_null() {
-            return Err(Error::Verbs {
+        let mut buf = AlignedBuf::try_with_align(len, PAGE_ALIGN).map_err(|e| match e {
+            AllocError::Invalid(reason) => Error::InvalidArgument {
+                op: "MemoryRegion::alloc",
+                reason,
+            },
+            _ => Error::Verbs {
                 op: "alloc",
                 errno: libc::ENOMEM,
-            });
-        }
-        let owner = AlignedBuf { ptr, layout };
-        // SAFETY: the buffer is owned by the region and freed after deregistration.
+            },
+        })?;
+        let ptr = buf.as_mut_ptr();
+        // SAFETY: the buffer is owned by the region (its heap memory does not move with the
+        // box) and freed after deregistration.
         unsafe {
-            Self::register_with_owner(
-                pd,
-                ptr,
-                len,
-                access,
-                MemoryKind::Host,
-                Some(Box::new(owner)),
-            )
+            Self::register_with_owner(pd, ptr, len, access, MemoryKind::Host, Some(Box::new(buf)))
         }
     }
 

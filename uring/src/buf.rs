@@ -1,7 +1,10 @@
-//! Buffers an operation owns while the kernel or the device uses them.
+//! Buffers an operation owns while the kernel or the device uses them. The owned host buffer
+//! ([`AlignedBuf`]) and the pool buffer (`peerpipe_p2p_alloc::Buffer`) come from the
+//! allocator crate, where memory lives; this module makes them (and the caller's own types)
+//! [`IoBuf`]s.
 
-use std::alloc::{self, Layout};
-use std::ptr::NonNull;
+pub use peerpipe_p2p_alloc::AlignedBuf;
+use peerpipe_p2p_alloc::Buffer as PoolBuffer;
 
 /// Memory an I/O operation can own while it is in flight: host memory, or anything the caller
 /// adapts (a p2pmem mapping from another crate, a slice of a registered arena, ...).
@@ -67,100 +70,32 @@ unsafe impl<T: IoBuf + ?Sized> IoBuf for Box<T> {
     }
 }
 
-/// Zeroed host memory with a chosen alignment (default 4096: satisfies O_DIRECT and NVMe PRP
-/// rules, so no bounce copies).
-pub struct AlignedBuf {
-    ptr: NonNull<u8>,
-    layout: Layout,
-}
-
-// SAFETY: AlignedBuf uniquely owns its allocation, like Box<[u8]>.
-unsafe impl Send for AlignedBuf {}
-// SAFETY: shared access only reads.
-unsafe impl Sync for AlignedBuf {}
-
-impl AlignedBuf {
-    /// `len` zeroed bytes aligned to 4096.
-    ///
-    /// # Panics
-    ///
-    /// On allocation failure (like `Vec`).
-    pub fn new(len: usize) -> Self {
-        Self::with_align(len, 4096)
-    }
-    /// `len` zeroed bytes aligned to `align` (a power of two).
-    ///
-    /// # Panics
-    ///
-    /// When `align` is not a power of two, or on allocation failure.
-    pub fn with_align(len: usize, align: usize) -> Self {
-        let layout = Layout::from_size_align(len.max(1), align).expect("power-of-two alignment");
-        // SAFETY: layout has a non-zero size.
-        let p = unsafe { alloc::alloc_zeroed(layout) };
-        let ptr = NonNull::new(p).unwrap_or_else(|| alloc::handle_alloc_error(layout));
-        AlignedBuf {
-            ptr,
-            layout: Layout::from_size_align(len, align).expect("checked above"),
-        }
-    }
-    /// The bytes.
-    pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: ptr is valid for layout.size() initialised (zeroed) bytes.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
-    }
-    /// The bytes, mutable.
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and &mut self gives unique access.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
-    }
-    /// The alignment it was allocated with.
-    pub fn align(&self) -> usize {
-        self.layout.align()
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        let layout = Layout::from_size_align(self.layout.size().max(1), self.layout.align())
-            .expect("valid at allocation");
-        // SAFETY: allocated with this layout in with_align.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) }
-    }
-}
-
-impl std::ops::Deref for AlignedBuf {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        self.as_slice()
-    }
-}
-
-impl std::ops::DerefMut for AlignedBuf {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        self.as_mut_slice()
-    }
-}
-
-impl std::fmt::Debug for AlignedBuf {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AlignedBuf")
-            .field("addr", &self.ptr)
-            .field("len", &self.layout.size())
-            .field("align", &self.layout.align())
-            .finish()
-    }
-}
-
-// SAFETY: heap memory owned by the value, valid for len bytes, never moves.
+// SAFETY: heap memory owned by the value, valid for len bytes, never moves (AlignedBuf's
+// documented contract); both pointers are the same address.
 unsafe impl IoBuf for AlignedBuf {
     fn as_ptr(&self) -> *const u8 {
-        self.ptr.as_ptr()
+        self.as_slice().as_ptr()
     }
     fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.ptr.as_ptr()
+        self.as_mut_slice().as_mut_ptr()
     }
     fn len(&self) -> usize {
-        self.layout.size()
+        self.as_slice().len()
+    }
+}
+
+// SAFETY: a pool buffer's memory lies in a chunk mapping that stays mapped while the handle
+// lives and is handed to this handle only; it does not move with the handle; both pointers
+// are its address.
+unsafe impl IoBuf for PoolBuffer {
+    fn as_ptr(&self) -> *const u8 {
+        self.addr()
+    }
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.addr()
+    }
+    fn len(&self) -> usize {
+        PoolBuffer::len(self)
     }
 }
 

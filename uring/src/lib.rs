@@ -7,8 +7,9 @@
 //!   polls of foreign fds; operations own their [`IoBuf`]s until the [`Completion`] is
 //!   reaped (they come back as its [`Buffers`]), and a refused submission hands them back
 //!   in a [`Rejected`].
-//!   Buffers: [`AlignedBuf`] (owned host memory), [`Slice`] (part of an owned buffer),
-//!   [`RawBuf`] (memory the caller keeps alive, e.g. a pool slot), or your own `IoBuf`.
+//!   Buffers: [`AlignedBuf`] (owned host memory, from `peerpipe-p2p-alloc`), a p2p-alloc pool
+//!   `Buffer`, [`Slice`] (part of an owned buffer), [`RawBuf`] (memory the caller keeps
+//!   alive), or your own `IoBuf`.
 //! - [`Error`] carries the operation, the errno or decoded [`NvmeStatus`], and what to do.
 //!
 //! ```no_run

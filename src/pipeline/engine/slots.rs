@@ -13,9 +13,9 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use crate::p2p_alloc::{self as alloc, Placement, Pool};
+use crate::p2p_alloc::{self as alloc, AlignedBuf, Placement, Pool};
 use crate::rdma::{Access, MemoryKind, MemoryRegion, ProtectionDomain};
-use crate::uring::{AlignedBuf, IoBuf};
+use crate::uring::IoBuf;
 
 use super::{BufferChoice, EngineError};
 
@@ -50,9 +50,25 @@ pub(crate) struct Slots {
     pub(crate) info: BufferInfo,
 }
 
+/// The memory of a [`DriveBuf`]: both kinds are p2p-alloc buffers, and both are [`IoBuf`]s.
 enum Mem {
     Slot(alloc::Buffer),
     Host(AlignedBuf),
+}
+
+impl Mem {
+    fn io(&self) -> &dyn IoBuf {
+        match self {
+            Mem::Slot(b) => b,
+            Mem::Host(b) => b,
+        }
+    }
+    fn io_mut(&mut self) -> &mut dyn IoBuf {
+        match self {
+            Mem::Slot(b) => b,
+            Mem::Host(b) => b,
+        }
+    }
 }
 
 /// A buffer a drive operation owns while in flight: the first `len` bytes of a slot's pool
@@ -68,7 +84,7 @@ pub(crate) struct DriveBuf {
 impl DriveBuf {
     /// The first `len` bytes of `buf`, on behalf of slot `slot` (a bounce or read-back buffer).
     pub(crate) fn host(slot: usize, buf: AlignedBuf, len: usize) -> DriveBuf {
-        assert!(len <= buf.as_slice().len(), "a block fits its host buffer");
+        assert!(len <= buf.len(), "a block fits its host buffer");
         DriveBuf {
             mem: Mem::Host(buf),
             len,
@@ -83,26 +99,20 @@ impl DriveBuf {
     pub(crate) fn bytes(&self) -> &[u8] {
         match &self.mem {
             Mem::Slot(b) => &b.as_slice()[..self.len],
-            Mem::Host(b) => &b.as_slice()[..self.len],
+            Mem::Host(b) => &b[..self.len],
         }
     }
 }
 
-// SAFETY: both kinds own their memory (a pool buffer keeps its chunk mapped; an AlignedBuf is
-// a heap allocation), which does not move when the value moves; `len` never exceeds it
-// (checked at construction); as_ptr and as_mut_ptr are the same address.
+// SAFETY: the first `len` bytes of an IoBuf (both kinds are, see uring's impls) that the value
+// owns: `len` never exceeds the inner buffer (checked at construction), and its memory does not
+// move when the value moves; as_ptr and as_mut_ptr are the inner buffer's (the same address).
 unsafe impl IoBuf for DriveBuf {
     fn as_ptr(&self) -> *const u8 {
-        match &self.mem {
-            Mem::Slot(b) => b.addr(),
-            Mem::Host(b) => b.as_slice().as_ptr(),
-        }
+        self.mem.io().as_ptr()
     }
     fn as_mut_ptr(&mut self) -> *mut u8 {
-        match &mut self.mem {
-            Mem::Slot(b) => b.addr(),
-            Mem::Host(b) => b.as_mut_slice().as_mut_ptr(),
-        }
+        self.mem.io_mut().as_mut_ptr()
     }
     fn len(&self) -> usize {
         self.len
