@@ -7,7 +7,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use peerpipe::pipeline::{
-    crc32c, ByteRange, Layout, PrimaryAction, PrimaryCore, ReplicaAction, ReplicaCore,
+    crc32c, ByteRange, Failure, Layout, PrimaryAction, PrimaryCore, ReplicaAction, ReplicaCore,
 };
 use peerpipe::protocol::{Message, Status, MSG_LEN};
 
@@ -44,7 +44,7 @@ struct Replica {
 
 enum PEvent {
     ReadDone(u64),
-    WriteDone(usize, u64, Result<(), String>),
+    WriteDone(usize, u64, Result<(), Failure>),
 }
 
 struct Sim {
@@ -130,7 +130,7 @@ impl Sim {
                     let data = self.bufs.get(&seq).expect("write from a released buffer");
                     let rep = &mut self.reps[replica];
                     let res = if !rep.alive || !self.linked[replica] {
-                        Err("transport retry exceeded".to_string())
+                        Err(Failure::Lower("transport retry exceeded".into()))
                     } else {
                         let slot = (remote.addr as usize) / SLOT;
                         match rep.windows.get(&slot) {
@@ -142,7 +142,7 @@ impl Sim {
                                 rep.slots[slot][..data.len()].copy_from_slice(data);
                                 Ok(())
                             }
-                            _ => Err("remote access error".to_string()),
+                            _ => Err(Failure::Lower("remote access error".into())),
                         }
                     };
                     self.pevents.push_back(PEvent::WriteDone(replica, seq, res));
@@ -233,7 +233,7 @@ impl Sim {
                 self.pinbox.retain(|(from, _)| *from != r);
                 let mut out = Vec::new();
                 self.primary
-                    .on_replica_lost(r, "disconnected".into(), &mut out);
+                    .on_replica_lost(r, Failure::Lower("disconnected".into()), &mut out);
                 self.primary_do(out);
             }
         }

@@ -4,7 +4,7 @@
 //! messages a misbehaving peer would send and checks both the refusal and that nothing was
 //! done on its behalf.
 
-use peerpipe::pipeline::{Layout, PrimaryAction, PrimaryCore, ReplicaAction, ReplicaCore};
+use peerpipe::pipeline::{Failure, Layout, PrimaryAction, PrimaryCore, ReplicaAction, ReplicaCore};
 use peerpipe::protocol::{
     flags, Config, Message, MessageKind, PrimarySide, ProtocolError, ReplicaSide, ReplicaTarget,
     Status,
@@ -545,7 +545,15 @@ fn short_source_read_fails_the_block_and_the_run() {
         p.on_message(0, &adv.encode(), &mut out);
     }
     out.clear();
-    p.on_read_done(2, Err("short read: 1024 of 4096 bytes".into()), &mut out);
+    p.on_read_done(
+        2,
+        Err(Failure::Short {
+            op: "read",
+            got: 1024,
+            want: 4096,
+        }),
+        &mut out,
+    );
     assert!(!out
         .iter()
         .any(|a| matches!(a, PrimaryAction::Write { seq: 2, .. })));
@@ -592,7 +600,15 @@ fn failed_source_read_is_never_written_to_any_replica() {
     };
     p.on_message(1, &adv.encode(), &mut out);
     out.clear();
-    p.on_read_done(0, Err("short read: 512 of 4096 bytes".into()), &mut out);
+    p.on_read_done(
+        0,
+        Err(Failure::Short {
+            op: "read",
+            got: 512,
+            want: 4096,
+        }),
+        &mut out,
+    );
     assert!(
         !out.iter().any(|a| matches!(
             a,

@@ -8,7 +8,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use arbitrary::Arbitrary;
-use peerpipe::pipeline::{Layout, PrimaryAction, PrimaryCore, Remote};
+use peerpipe::pipeline::{Failure, Layout, PrimaryAction, PrimaryCore, Remote};
 use peerpipe::protocol::{Message, Status};
 
 use crate::{status, AllocProbe, ArbMessage};
@@ -251,7 +251,7 @@ pub fn run(input: PrimaryInput) {
                     m.read_ok.insert(seq);
                     Ok(crc_of(seq))
                 } else {
-                    Err("short read".to_string())
+                    Err(Failure::Lower("short read".into()))
                 };
                 p.on_read_done(seq, res, &mut out);
             }
@@ -263,7 +263,7 @@ pub fn run(input: PrimaryInput) {
                 let res = if ok {
                     Ok(())
                 } else {
-                    Err("retry exceeded".into())
+                    Err(Failure::Lower("retry exceeded".into()))
                 };
                 p.on_write_done(r, seq, res, &mut out);
             }
@@ -271,7 +271,7 @@ pub fn run(input: PrimaryInput) {
                 let r = usize::from(replica) % n;
                 // The QP is destroyed before the core hears of it: its writes are over.
                 m.writes.retain(|&(w, _)| w != r);
-                p.on_replica_lost(r, "lost".into(), &mut out);
+                p.on_replica_lost(r, Failure::Lower("lost".into()), &mut out);
             }
         }
         check(&mut m, &out);

@@ -108,8 +108,8 @@ mod range;
 mod stats;
 
 pub use self::core::{
-    BlockState, Ledger, LedgerError, Mismatches, Outcome, PrimaryAction, PrimaryCore, Remote,
-    ReplicaAction, ReplicaCore, Window, WindowFull,
+    BlockState, BoxError, Failure, Ledger, LedgerError, Mismatches, Outcome, PrimaryAction,
+    PrimaryCore, Remote, ReplicaAction, ReplicaCore, Window, WindowFull,
 };
 pub use checksum::{crc32c, Crc32c};
 pub use copy::CopyMeter;

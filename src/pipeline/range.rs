@@ -71,6 +71,7 @@ impl Block {
 
 /// Why a range cannot be split into blocks.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum LayoutError {
     /// Block size is zero, not a multiple of the LBA size, or too large.
     #[error("block size {block_size} is invalid: use a multiple of the {lba_size}-byte logical block size, at most 64 MiB")]

@@ -18,6 +18,7 @@ pub enum BlockState {
 
 /// A ledger update that contradicts the recorded state (a bug or a misbehaving peer).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum LedgerError {
     /// Sequence number or replica index outside the ledger.
     #[error(

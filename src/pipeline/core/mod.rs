@@ -13,11 +13,13 @@
 //! [`ReplicaAction`]) for its engine to carry out. The primary core keeps its per-block state
 //! in a [`Ledger`] and bounds the blocks in flight with a [`Window`].
 
+mod error;
 mod flow;
 mod ledger;
 mod primary;
 mod replica;
 
+pub use error::{BoxError, Failure};
 pub use flow::{Window, WindowFull};
 pub use ledger::{BlockState, Ledger, LedgerError, Mismatches};
 pub use primary::{Outcome, PrimaryAction, PrimaryCore, Remote};

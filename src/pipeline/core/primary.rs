@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Instant;
 
+use super::error::Failure;
 use super::flow::Window;
 use super::ledger::{BlockState, Ledger, Mismatches};
 use crate::pipeline::range::{ByteRange, Layout};
@@ -305,12 +306,12 @@ impl PrimaryCore {
         }
     }
 
-    /// The source read of `seq` completed: `Ok(crc)` (crc only used with verify) or an error
-    /// text. A failed source read ends the run: nothing more is sent.
+    /// The source read of `seq` completed: `Ok(crc)` (crc only used with verify) or why it
+    /// failed. A failed source read ends the run: nothing more is sent.
     pub fn on_read_done(
         &mut self,
         seq: u64,
-        result: Result<u32, String>,
+        result: Result<u32, Failure>,
         out: &mut Vec<PrimaryAction>,
     ) {
         let Some(b) = self.blocks.get_mut(&seq) else {
@@ -353,7 +354,7 @@ impl PrimaryCore {
         &mut self,
         replica: usize,
         seq: u64,
-        result: Result<(), String>,
+        result: Result<(), Failure>,
         out: &mut Vec<PrimaryAction>,
     ) {
         if let Some(b) = self.blocks.get_mut(&seq) {
@@ -477,9 +478,9 @@ impl PrimaryCore {
 
     /// `replica`'s connection is gone (disconnect event, timeout, error). The adapter must
     /// call this only once its QP can no longer read our buffers (error state or destroyed).
-    pub fn on_replica_lost(&mut self, replica: usize, why: String, out: &mut Vec<PrimaryAction>) {
+    pub fn on_replica_lost(&mut self, replica: usize, why: Failure, out: &mut Vec<PrimaryAction>) {
         if self.is_alive(replica) {
-            self.lose(replica, why, out);
+            self.lose(replica, why.to_string(), out);
         }
     }
 

@@ -15,6 +15,7 @@ use crate::protocol::ProtocolError;
 /// meaningful report exists (bad configuration, setup failures, a broken local resource, or a
 /// protocol violation that ends a replica's only connection).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum EngineError {
     /// A configuration value is out of range or missing.
     #[error("{what}: {reason}")]

@@ -5,7 +5,8 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::pipeline::{
-    crc32c, BlockState, CopyMeter, Layout, Outcome, Percentiles, PrimaryAction, PrimaryCore,
+    crc32c, BlockState, CopyMeter, Failure, Layout, Outcome, Percentiles, PrimaryAction,
+    PrimaryCore,
 };
 use crate::protocol::{Message, MSG_LEN};
 use crate::rdma::{self, SendOp, SendRequest, WcOpcode, WcStatus};
@@ -240,7 +241,7 @@ impl PrimaryEngine {
                             slots.take(s, len as usize)?
                         };
                         if let Err(rej) = drive.ring.read(drive.t, offset, buf, seq) {
-                            let why = rej.to_string();
+                            let why = Failure::op("submitting the read", rej.error);
                             if let Some(b) = rej.bufs.into_single() {
                                 if let Some(h) = slots.give_back(b) {
                                     bounce[s] = Some(h);
@@ -278,7 +279,8 @@ impl PrimaryEngine {
                                 vec![sge],
                             )),
                             Err(e) => {
-                                core.on_write_done(replica, seq, Err(e.to_string()), &mut out)
+                                let why = Failure::op("describing the write's source", e);
+                                core.on_write_done(replica, seq, Err(why), &mut out)
                             }
                         }
                     }
@@ -304,7 +306,8 @@ impl PrimaryEngine {
                 if link.alive {
                     if let Err(e) = link.flush() {
                         busy = true;
-                        core.on_replica_lost(r, format!("posting work requests: {e}"), &mut out);
+                        let why = Failure::op("posting work requests", e);
+                        core.on_replica_lost(r, why, &mut out);
                     }
                 }
             }
@@ -339,8 +342,12 @@ impl PrimaryEngine {
                     } else {
                         0
                     }),
-                    Ok(got) => Err(format!("short read: {got} of {want} bytes")),
-                    Err(e) => Err(e.to_string()),
+                    Ok(got) => Err(Failure::Short {
+                        op: "read",
+                        got,
+                        want,
+                    }),
+                    Err(e) => Err(Failure::Lower(Box::new(e))),
                 };
                 if res.is_ok() {
                     read_done.insert(seq);
@@ -362,10 +369,10 @@ impl PrimaryEngine {
                         busy = true;
                         quiet_since[r] = Instant::now();
                         if wc.status != WcStatus::Success {
-                            let why = format!(
-                                "{:?} completion failed: {:?} (the replica died or the link is down)",
-                                wc.opcode, wc.status
-                            );
+                            let why = Failure::Completion {
+                                opcode: wc.opcode,
+                                status: wc.status,
+                            };
                             if wc.wr_id & WR_MASK == WR_WRITE {
                                 core.on_write_done(r, wc.wr_id & !WR_MASK, Err(why), &mut out);
                             } else {
@@ -394,7 +401,7 @@ impl PrimaryEngine {
                                     }
                                     Err(e) => core.on_replica_lost(
                                         r,
-                                        format!("receiving a message: {e}"),
+                                        Failure::op("receiving a message", e),
                                         &mut out,
                                     ),
                                 }
@@ -409,7 +416,7 @@ impl PrimaryEngine {
                 }
                 if links[r].alive {
                     if let Err(e) = links[r].conn.check() {
-                        core.on_replica_lost(r, format!("connection: {e}"), &mut out);
+                        core.on_replica_lost(r, Failure::op("connection", e), &mut out);
                     }
                 }
             }
@@ -434,14 +441,10 @@ impl PrimaryEngine {
                     quiet_since[r] = now;
                 } else if now.duration_since(quiet_since[r]) > cfg.timeout {
                     busy = true;
-                    core.on_replica_lost(
-                        r,
-                        format!(
-                            "no answer for {:?} while blocks waited on it: the replica or its link stalled",
-                            cfg.timeout
-                        ),
-                        &mut out,
-                    );
+                    let why = Failure::Stalled {
+                        timeout: cfg.timeout,
+                    };
+                    core.on_replica_lost(r, why, &mut out);
                 }
             }
             actions.extend(out.drain(..));
@@ -454,14 +457,10 @@ impl PrimaryEngine {
                 // are this side's choice, not a stall.
                 if last_progress.elapsed() > cfg.timeout && paced.is_empty() {
                     for r in 0..n {
-                        core.on_replica_lost(
-                            r,
-                            format!(
-                                "no progress for {:?} with no replica owing an answer: the source stalled",
-                                cfg.timeout
-                            ),
-                            &mut out,
-                        );
+                        let why = Failure::SourceStalled {
+                            timeout: cfg.timeout,
+                        };
+                        core.on_replica_lost(r, why, &mut out);
                     }
                     actions.extend(out.drain(..));
                     if actions.is_empty() && !core.is_finished() {
