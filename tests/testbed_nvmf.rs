@@ -159,6 +159,7 @@ fn testbed_nvmf_passthrough_namespace_with_host_buffers_and_allowed_hosts() {
     let host = Host::connect(port, &n, HOSTNQN).unwrap_or_else(|o| panic!("{}", tb::text(&o)));
     fio(&host.dev, "randwrite", "4k");
     pattern_reaches_backing(&host.dev, &drive.block, 8, 2);
+    device_status_reaches_the_host(&drive, &host.dev);
     // Stopping with the host still connected: the target disconnects it and exits cleanly.
     let stopped = stop_target(t);
     assert!(stopped.status.success(), "{}", tb::text(&stopped));
@@ -168,6 +169,61 @@ fn testbed_nvmf_passthrough_namespace_with_host_buffers_and_allowed_hosts() {
     assert!(err.contains("queue closed"), "{err}");
     assert!(err.contains("nvme passthrough"), "{err}");
     assert!(err.contains("target: buffers host"), "{err}");
+}
+
+/// Turns the backing drive's Error Recovery feature back off (DULBE) when dropped.
+struct Dulbe(String);
+
+impl Drop for Dulbe {
+    fn drop(&mut self) {
+        let o = nvme(&["set-feature", &self.0, "-f", "5", "-v", "0", "-n", "1"]);
+        assert!(
+            o.status.success() || std::thread::panicking(),
+            "{}",
+            tb::text(&o)
+        );
+    }
+}
+
+/// An error of the backing device itself reaches the host as that device's NVMe status:
+/// with Deallocated or Unwritten Logical Block Error enabled on the drive (Set Features Error
+/// Recovery, DULBE) and blocks 0-7 deallocated, a read of them through the fabrics namespace
+/// fails with SCT 2 / SC 0x87 and DNR (0x4287), not a generic error; once DULBE is off again
+/// the same read succeeds.
+fn device_status_reaches_the_host(drive: &tb::Drive, fabrics: &Path) {
+    let block = drive.block.display().to_string();
+    let ctrl = block.trim_end_matches(|c: char| c.is_ascii_digit());
+    let ctrl = ctrl.strip_suffix('n').unwrap_or(ctrl).to_string();
+    let o = nvme(&["set-feature", &ctrl, "-f", "5", "-v", "0x10000", "-n", "1"]);
+    assert!(o.status.success(), "enable DULBE: {}", tb::text(&o));
+    let guard = Dulbe(ctrl);
+    let o = nvme(&["dsm", &block, "-n", "1", "-d", "-s", "0", "-b", "8"]);
+    assert!(o.status.success(), "deallocate: {}", tb::text(&o));
+    let dev = fabrics.display().to_string();
+    let read = || {
+        nvme(&[
+            "read",
+            &dev,
+            "-s",
+            "0",
+            "-c",
+            "7",
+            "-z",
+            "4096",
+            "-d",
+            "/dev/null",
+        ])
+    };
+    let o = read();
+    let text = tb::text(&o);
+    assert!(!o.status.success(), "a deallocated read succeeded: {text}");
+    assert!(
+        text.contains("Deallocated or Unwritten Logical Block") && text.contains("0x4287"),
+        "the host did not get the device's own status: {text}"
+    );
+    drop(guard);
+    let o = read();
+    assert!(o.status.success(), "read after DULBE off: {}", tb::text(&o));
 }
 
 /// A small deterministic generator for file contents and sizes (xorshift64*).
