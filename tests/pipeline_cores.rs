@@ -245,6 +245,30 @@ impl Sim {
         }
     }
 
+    /// `PrimaryCore::awaits` names exactly the replicas that owe an answer: one with a drive
+    /// write or read-back in progress is awaited, and one awaited has something under way
+    /// that will answer (a message to read, a drive operation, a message to the primary).
+    fn check_awaits(&self) {
+        for (r, rep) in self.reps.iter().enumerate() {
+            if !rep.alive || !self.linked[r] || !self.primary.is_alive(r) {
+                continue;
+            }
+            let awaited = self.primary.awaits(r);
+            if !rep.completions.is_empty() {
+                assert!(
+                    awaited,
+                    "replica {r} is writing or reading back, yet not awaited"
+                );
+            }
+            if awaited {
+                let under_way = !rep.inbox.is_empty()
+                    || !rep.completions.is_empty()
+                    || self.pinbox.iter().any(|(from, _)| *from == r);
+                assert!(under_way, "replica {r} is awaited with nothing under way");
+            }
+        }
+    }
+
     /// Runs until nothing is left to do; returns steps taken.
     fn run(&mut self) -> usize {
         let mut out = Vec::new();
@@ -254,6 +278,7 @@ impl Sim {
         loop {
             steps += 1;
             assert!(steps < 1_000_000, "simulation does not terminate");
+            self.check_awaits();
             // Pick a random queue with work.
             let mut choices = Vec::new();
             if !self.pevents.is_empty() {
@@ -679,4 +704,74 @@ mod engine_config {
         drop(eng);
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+/// `PrimaryCore::awaits` in a directed run: a replica owes its hello-ack and a buffer for a
+/// block that was read, but not while all its buffers are advertised and it waits behind
+/// another replica; it owes acks for blocks written to it; nothing after a failed source read.
+#[test]
+fn awaits_names_who_owes_the_primary_an_answer() {
+    let l = Layout::new(0, 4 * 4096, 4096, 512, 1 << 30).unwrap();
+    let mut p = PrimaryCore::new(l, 2, 4, false).unwrap();
+    let mut out = Vec::new();
+    let msg = |p: &mut PrimaryCore, r: usize, m: Message, out: &mut Vec<PrimaryAction>| {
+        p.on_message(r, &m.encode(), out);
+    };
+    p.start(&mut out);
+    // Nothing read yet: no replica holds anything up.
+    assert!(!p.awaits(0) && !p.awaits(1));
+    p.on_read_done(0, Ok(0), &mut out);
+    assert!(p.awaits(0) && p.awaits(1), "both owe their hello-ack");
+    for (r, window) in [(0usize, 1u32), (1, 2)] {
+        let ack = Message::HelloAck {
+            replica_id: r as u32,
+            window,
+            capacity: 1 << 30,
+        };
+        msg(&mut p, r, ack, &mut out);
+    }
+    let adv = |seq| Message::BufferReady {
+        seq,
+        addr: 0,
+        rkey: 5,
+        len: 4096,
+    };
+    msg(&mut p, 0, adv(0), &mut out);
+    // Replica 0's only buffer is advertised: it waits for replica 1, which owes one.
+    assert!(!p.awaits(0));
+    assert!(p.awaits(1));
+    msg(&mut p, 1, adv(0), &mut out);
+    assert!(out.iter().any(|a| matches!(
+        a,
+        PrimaryAction::Write {
+            replica: 1,
+            seq: 0,
+            ..
+        }
+    )));
+    // Block 0 went to both: both owe its ack.
+    assert!(p.awaits(0) && p.awaits(1));
+    for r in 0..2 {
+        p.on_write_done(r, 0, Ok(()), &mut out);
+        let written = Message::BlockWritten {
+            seq: 0,
+            status: Status::Ok,
+        };
+        msg(&mut p, r, written, &mut out);
+    }
+    // Acked, and block 1 not read yet: nobody owes anything.
+    assert!(!p.awaits(0) && !p.awaits(1));
+    p.on_read_done(
+        1,
+        Err(Failure::Short {
+            op: "read",
+            got: 0,
+            want: 4096,
+        }),
+        &mut out,
+    );
+    assert!(
+        !p.awaits(0) && !p.awaits(1),
+        "a failed read is owed by no one"
+    );
 }

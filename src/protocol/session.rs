@@ -283,6 +283,27 @@ impl PrimarySide {
         self.finished
     }
 
+    /// Answers the replica owes: an ack for each block sent to it and not acked, and a
+    /// result for each read-back asked and not answered.
+    pub fn owed_answers(&self) -> usize {
+        self.blocks.as_ref().map_or(0, |b| {
+            b.open.values().filter(|s| **s == Open::Sent).count() + b.verifying.len()
+        })
+    }
+
+    /// True while the replica should advertise another buffer: its hello-ack has not come
+    /// yet, or fewer than its granted window of blocks are advertised and not acked while
+    /// blocks are left to advertise. False once it answered the primary's `Fin`.
+    pub fn expects_advert(&self) -> bool {
+        if self.finished {
+            return false;
+        }
+        match &self.blocks {
+            None => true,
+            Some(b) => b.open.len() < b.window as usize && b.next_advert < b.config.blocks(),
+        }
+    }
+
     fn blocks_mut(&mut self, kind: MessageKind) -> Result<&mut Blocks, ProtocolError> {
         self.blocks.as_mut().ok_or(ProtocolError::Unexpected {
             got: kind,

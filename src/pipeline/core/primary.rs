@@ -69,6 +69,8 @@ pub enum PrimaryAction {
 #[derive(Debug)]
 struct InFlight {
     read_done: bool,
+    /// The source read succeeded (a failed one is never sent, so no buffer is owed for it).
+    read_ok: bool,
     dispatched: bool,
     /// Replicas whose RDMA WRITE from this buffer has not completed locally.
     writing: Vec<usize>,
@@ -203,6 +205,29 @@ impl PrimaryCore {
         self.peers.get(r).is_some_and(|p| p.alive)
     }
 
+    /// True while `replica` owes the primary an answer: an ack for a block written to it, a
+    /// read-back result (verify), its hello-ack, or a buffer for a block that was read and
+    /// waits to be sent while it has a buffer free. An engine fails a replica that is awaited
+    /// and silent for the run's timeout (it stalled); one not awaited may be quiet for any
+    /// time (it waits behind another replica, or for the source). Never true for a lost
+    /// replica, and never for a block whose source read failed.
+    pub fn awaits(&self, replica: usize) -> bool {
+        let Some(peer) = self.peers.get(replica).filter(|p| p.alive) else {
+            return false;
+        };
+        if peer.side.owed_answers() > 0 {
+            return true;
+        }
+        if self.source_failed.is_some() || !peer.side.expects_advert() {
+            return false;
+        }
+        self.blocks.iter().any(|(&seq, b)| {
+            b.read_ok
+                && !peer.adverts.contains_key(&seq)
+                && self.ledger.state(seq, replica) == Ok(BlockState::Pending)
+        })
+    }
+
     /// Sends the hellos and starts the first reads.
     pub fn start(&mut self, out: &mut Vec<PrimaryAction>) {
         for (r, peer) in self.peers.iter().enumerate() {
@@ -228,6 +253,7 @@ impl PrimaryCore {
                 seq,
                 InFlight {
                     read_done: false,
+                    read_ok: false,
                     dispatched: false,
                     writing: Vec::new(),
                 },
@@ -318,6 +344,7 @@ impl PrimaryCore {
             return;
         };
         b.read_done = true;
+        b.read_ok = result.is_ok();
         match result {
             Ok(crc) => {
                 if self.verify {

@@ -1,14 +1,13 @@
 //! The primary's engine: reads blocks from the source into pool buffers, RDMA-writes each
 //! buffer to every replica, and collects the acks (the I/O side of [`PrimaryCore`]).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::pipeline::{
-    crc32c, BlockState, CopyMeter, Failure, Layout, Outcome, Percentiles, PrimaryAction,
-    PrimaryCore,
+    crc32c, CopyMeter, Failure, Layout, Outcome, Percentiles, PrimaryAction, PrimaryCore,
 };
-use crate::protocol::{Message, MSG_LEN};
+use crate::protocol::MSG_LEN;
 use crate::rdma::{self, SendOp, SendRequest, WcOpcode, WcStatus};
 
 use super::drive::{Backend, Drive};
@@ -159,8 +158,6 @@ impl PrimaryEngine {
         result
     }
 
-    // Replica indices address several parallel vectors (links, the core).
-    #[allow(clippy::needless_range_loop)]
     fn run_loop(
         &mut self,
         links: &mut [Link],
@@ -193,14 +190,6 @@ impl PrimaryEngine {
         // A replica that owes nothing is never stalled: with the shared window, a healthy
         // replica waiting behind a stalled one is quiet too, and must not be failed with it.
         let mut quiet_since = vec![Instant::now(); n];
-        // Per replica: blocks it advertised a buffer for and blocks written to it, not yet
-        // acked (the core decides; these only say whom the run waits for).
-        let mut advertised: Vec<HashSet<u64>> = vec![HashSet::new(); n];
-        let mut unacked: Vec<HashSet<u64>> = vec![HashSet::new(); n];
-        // Per replica: read-backs asked for (verify) and not answered yet.
-        let mut verifying: Vec<HashSet<u64>> = vec![HashSet::new(); n];
-        // Blocks whose source read completed and that are not released yet.
-        let mut read_done: HashSet<u64> = HashSet::new();
         let mut pacer = Pacer::new(cfg.rate, t0);
         // Reads the pacer holds back, in order; they go once it says they are due.
         let mut paced: VecDeque<PrimaryAction> = VecDeque::new();
@@ -221,9 +210,6 @@ impl PrimaryEngine {
                 match a {
                     PrimaryAction::Send { replica, msg } => {
                         if links[replica].alive {
-                            if let Message::VerifyRequest { seq } = msg {
-                                verifying[replica].insert(seq);
-                            }
                             links[replica].queue_msg(&msg);
                         }
                     }
@@ -255,8 +241,6 @@ impl PrimaryEngine {
                         seq,
                         remote,
                     } => {
-                        advertised[replica].remove(&seq);
-                        unacked[replica].insert(seq);
                         let s = *slot_of
                             .get(&seq)
                             .ok_or(EngineError::Internal("write of a block without a slot"))?;
@@ -285,7 +269,6 @@ impl PrimaryEngine {
                         }
                     }
                     PrimaryAction::Release { seq } => {
-                        read_done.remove(&seq);
                         if let Some(s) = slot_of.remove(&seq) {
                             free.push(s);
                         }
@@ -349,25 +332,22 @@ impl PrimaryEngine {
                     }),
                     Err(e) => Err(Failure::Lower(Box::new(e))),
                 };
-                if res.is_ok() {
-                    read_done.insert(seq);
-                }
                 core.on_read_done(seq, res, &mut out);
             }
             actions.extend(out.drain(..));
             // RDMA completions and connection events.
-            for r in 0..n {
-                if !links[r].alive {
+            for (r, (link, quiet)) in links.iter_mut().zip(quiet_since.iter_mut()).enumerate() {
+                if !link.alive {
                     continue;
                 }
                 loop {
-                    let got = links[r]
+                    let got = link
                         .cq
                         .poll(&mut wcs)
                         .map_err(|e| EngineError::rdma("polling a completion queue", e))?;
                     for wc in &wcs[..got] {
                         busy = true;
-                        quiet_since[r] = Instant::now();
+                        *quiet = Instant::now();
                         if wc.status != WcStatus::Success {
                             let why = Failure::Completion {
                                 opcode: wc.opcode,
@@ -385,18 +365,9 @@ impl PrimaryEngine {
                                 core.on_write_done(r, wc.wr_id & !WR_MASK, Ok(()), &mut out)
                             }
                             WR_RECV if wc.opcode == WcOpcode::Recv => {
-                                match links[r].take_recv(wc.wr_id) {
+                                match link.take_recv(wc.wr_id) {
                                     Ok(b) => {
                                         let m = &b[..wc.byte_len.min(MSG_LEN as u32) as usize];
-                                        match Message::decode(m) {
-                                            Ok(Message::BufferReady { seq, .. }) => {
-                                                advertised[r].insert(seq);
-                                            }
-                                            Ok(Message::VerifyResult { seq, .. }) => {
-                                                verifying[r].remove(&seq);
-                                            }
-                                            _ => {}
-                                        }
                                         core.on_message(r, m, &mut out)
                                     }
                                     Err(e) => core.on_replica_lost(
@@ -414,32 +385,22 @@ impl PrimaryEngine {
                         break;
                     }
                 }
-                if links[r].alive {
-                    if let Err(e) = links[r].conn.check() {
+                if link.alive {
+                    if let Err(e) = link.conn.check() {
                         core.on_replica_lost(r, Failure::op("connection", e), &mut out);
                     }
                 }
             }
-            // A replica that owes an answer for longer than the timeout is failed alone; the
-            // others go on.
+            // A replica that owes an answer (the core says which: acks, read-backs, a buffer it
+            // has room for) for longer than the timeout is failed alone; the others go on.
             let now = Instant::now();
-            for r in 0..n {
-                if !links[r].alive || !core.is_alive(r) {
+            for (r, (link, quiet)) in links.iter().zip(quiet_since.iter_mut()).enumerate() {
+                if !link.alive || !core.is_alive(r) {
                     continue;
                 }
-                // Acks it owes for blocks written to it...
-                unacked[r].retain(|&seq| core.state(seq, r) == Some(BlockState::Sent));
-                // ...read-back answers (verify), and buffers for blocks read and waiting to
-                // be sent.
-                let owes = !unacked[r].is_empty()
-                    || !verifying[r].is_empty()
-                    || read_done.iter().any(|&seq| {
-                        core.state(seq, r) == Some(BlockState::Pending)
-                            && !advertised[r].contains(&seq)
-                    });
-                if !owes {
-                    quiet_since[r] = now;
-                } else if now.duration_since(quiet_since[r]) > cfg.timeout {
+                if !core.awaits(r) {
+                    *quiet = now;
+                } else if now.duration_since(*quiet) > cfg.timeout {
                     busy = true;
                     let why = Failure::Stalled {
                         timeout: cfg.timeout,
