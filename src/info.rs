@@ -13,6 +13,7 @@ use peerpipe_p2p_alloc::{
 /// A p2pmem provider with its live free space.
 #[derive(Debug, Clone)]
 pub struct ProviderInfo {
+    /// The provider (PCI device, interfaces, size).
     pub provider: Provider,
     /// `p2pmem/available` now (`None` without the sysfs interface).
     pub available: Option<u64>,
@@ -23,30 +24,43 @@ pub struct ProviderInfo {
 pub struct NamespaceInfo {
     /// Block device name (`nvme1n1`).
     pub name: String,
+    /// Block device path (`/dev/nvme1n1`).
     pub block_dev: PathBuf,
     /// Passthrough char device (`/dev/ng1n1`).
     pub char_dev: PathBuf,
+    /// LBA size in bytes.
     pub lba_size: u64,
+    /// Capacity in bytes.
     pub capacity_bytes: u64,
 }
 
 /// An NVMe controller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NvmeInfo {
+    /// Controller name (`nvme1`).
     pub name: String,
+    /// Serial number.
     pub serial: String,
+    /// Model string.
     pub model: String,
+    /// Firmware revision.
     pub firmware: String,
+    /// Transport (`pcie`, `rdma`, ...).
     pub transport: String,
+    /// PCI address, for a PCIe controller.
     pub pci: Option<String>,
+    /// NUMA node of the controller, when the kernel reports one.
     pub numa_node: Option<u32>,
+    /// Its namespaces.
     pub namespaces: Vec<NamespaceInfo>,
 }
 
 /// One GID table entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GidInfo {
+    /// Index in the port's GID table.
     pub index: u32,
+    /// The GID, as sysfs prints it.
     pub gid: String,
     /// `RoCE v2`, `IB/RoCE v1`, ... when known.
     pub kind: Option<String>,
@@ -55,35 +69,50 @@ pub struct GidInfo {
 /// One RDMA port.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortInfo {
+    /// Port number (from 1).
     pub port: u32,
+    /// Logical state (sysfs `state`, e.g. `4: ACTIVE`).
     pub state: String,
+    /// Physical state (sysfs `phys_state`, e.g. `5: LinkUp`).
     pub phys_state: String,
+    /// Link layer (`Ethernet`, `InfiniBand`).
     pub link_layer: String,
+    /// Rate (sysfs `rate`).
     pub rate: String,
+    /// The populated GID table entries.
     pub gids: Vec<GidInfo>,
 }
 
 /// An RDMA device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RdmaInfo {
+    /// Device name (`rxe0`, `mlx5_0`).
     pub name: String,
+    /// Node GUID.
     pub node_guid: String,
+    /// PCI address of a hardware device.
     pub pci: Option<String>,
     /// The network device a software RDMA device (rxe, siw) runs on.
     pub netdev: Option<String>,
+    /// Its ports.
     pub ports: Vec<PortInfo>,
 }
 
 /// Everything `peerpipe info` reports.
 #[derive(Debug, Clone)]
 pub struct Report {
+    /// p2pmem providers.
     pub providers: Vec<ProviderInfo>,
+    /// NVMe controllers.
     pub nvme: Vec<NvmeInfo>,
+    /// RDMA devices.
     pub rdma: Vec<RdmaInfo>,
     /// One verdict per (provider, client).
     pub matrix: Vec<Verdict>,
     /// Probe reports per (provider, interface); empty when probing was not requested.
     pub probes: Vec<ProbeReport>,
+    /// Whether the CPU routes peer-to-peer through any root complex (the kernel's
+    /// `cpu_supports_p2pdma()`: AMD Zen or newer).
     pub cpu_supports_p2pdma: bool,
 }
 

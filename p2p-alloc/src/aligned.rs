@@ -6,7 +6,7 @@
 use std::alloc::{self, Layout};
 use std::ptr::NonNull;
 
-use crate::error::{Error, Result};
+use crate::error::{Errno, Error, Result};
 
 /// The default alignment: a page, which satisfies O_DIRECT, NVMe PRP entries and
 /// `ibv_reg_mr`, so no bounce copies are needed.
@@ -63,7 +63,7 @@ impl AlignedBuf {
         })?;
         Self::alloc(layout).ok_or(Error::HostOutOfMemory {
             requested: len as u64,
-            errno: libc::ENOMEM,
+            errno: Errno(libc::ENOMEM),
         })
     }
 

@@ -48,7 +48,7 @@ mod sysfs;
 pub mod topology;
 
 pub use aligned::{AlignedBuf, PAGE_ALIGN};
-pub use error::{Error, Result};
+pub use error::{Errno, Error, Result};
 pub use mapping::{Backing, Mapping};
 pub use pool::{Buffer, ChunkInfo, Placement, Pool, PoolBuilder, PoolStats};
 pub use probe::{Cell, Outcome, ProbeReport, Prober};

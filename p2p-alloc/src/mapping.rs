@@ -4,7 +4,7 @@
 
 use std::os::fd::AsRawFd;
 
-use crate::error::{Error, Result};
+use crate::error::{Errno, Error, Result};
 use crate::provider::{Interface, Provider};
 
 /// Where a mapping's memory comes from.
@@ -12,7 +12,9 @@ use crate::provider::{Interface, Provider};
 pub enum Backing {
     /// p2pmem of a provider, through one of its interfaces.
     P2p {
+        /// The provider's PCI address.
         provider: String,
+        /// The interface the memory was mapped through.
         interface: Interface,
     },
     /// Host DRAM.
@@ -98,7 +100,7 @@ impl Mapping {
     pub fn host(len: usize, align: usize, numa_node: Option<u32>) -> Result<Self> {
         let oom = |errno: i32| Error::HostOutOfMemory {
             requested: len as u64,
-            errno,
+            errno: Errno(errno),
         };
         let try_huge = len % HUGE_PAGE == 0;
         let window_align = if try_huge {

@@ -15,7 +15,7 @@ use crossbeam::queue::ArrayQueue;
 use crossbeam::utils::CachePadded;
 
 use crate::buddy::{Buddy, MIN_ORDER};
-use crate::error::{Error, Result};
+use crate::error::{Errno, Error, Result};
 use crate::mapping::{Backing, Mapping};
 use crate::provider::{Interface, Provider};
 
@@ -38,7 +38,9 @@ pub struct ChunkInfo {
     pub id: u32,
     /// Virtual start address.
     pub addr: usize,
+    /// Length in bytes.
     pub len: usize,
+    /// Where its memory comes from.
     pub backing: Backing,
 }
 
@@ -783,7 +785,7 @@ impl Arena {
             }
             Source::Host { .. } => Error::HostOutOfMemory {
                 requested,
-                errno: libc::ENOMEM,
+                errno: Errno(libc::ENOMEM),
             },
         }
     }

@@ -20,13 +20,16 @@ pub type Check = Arc<dyn Fn(*mut u8, usize) -> std::result::Result<(), i32> + Se
 /// The outcome of one cell.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
+    /// The operation succeeded.
     Ok,
     /// The operation failed with this errno.
     Failed {
+        /// The positive errno value.
         errno: i32,
     },
     /// Not run, and why (e.g. no block device given, the mapping itself failed).
     Skipped {
+        /// Why it was not run.
         why: String,
     },
 }
@@ -47,14 +50,18 @@ impl Outcome {
 pub struct Cell {
     /// `cpu`, `o_direct`, or the caller's check name.
     pub name: String,
+    /// What happened.
     pub outcome: Outcome,
 }
 
 /// The probe result for one provider interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProbeReport {
+    /// The provider's PCI address.
     pub provider: String,
+    /// The interface the memory was mapped through.
     pub interface: Interface,
+    /// One cell per check, in the order run.
     pub cells: Vec<Cell>,
 }
 

@@ -31,6 +31,7 @@ impl ClientKind {
 pub struct Client {
     /// Class device name (`nvme0`, `rxe0`, `mlx5_0`).
     pub name: String,
+    /// What kind of device it is.
     pub kind: ClientKind,
     /// The PCI function; `None` for a software device (rxe, siw) that moves data with the CPU.
     pub pci: Option<String>,
@@ -68,7 +69,10 @@ pub enum Acs {
     /// No ACS capability (or no extended config space).
     Absent,
     /// ACS capability present; `ctrl` is the ACS control register.
-    Present { ctrl: u16 },
+    Present {
+        /// The ACS control register.
+        ctrl: u16,
+    },
     /// The config space beyond 64 bytes is not readable (not root): unknown.
     Unreadable,
 }
@@ -115,9 +119,11 @@ impl Acs {
 /// One PCI function on a path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PciNode {
+    /// The function's address (`0000:03:00.0`).
     pub bdf: String,
     /// PCI class code (e.g. `0x060400` for a PCI bridge / switch port / root port).
     pub class: u32,
+    /// The function's ACS state.
     pub acs: Acs,
 }
 
@@ -148,6 +154,7 @@ impl PciNode {
 pub struct PciChain {
     /// The host bridge (root complex) directory name, e.g. `pci0000:00`.
     pub host_bridge: String,
+    /// The functions from the device up to the root bus (`chain[0]` is the device).
     pub chain: Vec<PciNode>,
     /// Canonical sysfs directory of the host bridge.
     host_dir: PathBuf,
@@ -219,24 +226,37 @@ pub enum Reason {
     /// Provider and client are the same PCI function.
     SameDevice,
     /// They share an upstream bridge (a switch port) with no ACS redirect in between.
-    CommonUpstream { bridge: String },
+    CommonUpstream {
+        /// The shared upstream bridge.
+        bridge: String,
+    },
     /// They share an upstream bridge but ACS redirects peer traffic at these functions
     /// (`pci=disable_acs_redir=<list>` on the kernel command line lifts it).
-    AcsRedirect { bridges: Vec<String> },
+    AcsRedirect {
+        /// The functions whose ACS redirects peer traffic.
+        bridges: Vec<String>,
+    },
     /// No common upstream bridge: traffic goes through the root complex(es).
     NoCommonUpstream,
     /// The client has no PCI function.
     SoftwareDevice,
     /// The provider or client is not a PCI function found in sysfs.
-    NotFound { what: String },
+    NotFound {
+        /// What could not be found.
+        what: String,
+    },
 }
 
 /// The verdict for one provider/client pair.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
+    /// The provider's PCI address.
     pub provider: String,
+    /// The client judged.
     pub client: Client,
+    /// How the kernel would map p2pmem for this client.
     pub map: MapType,
+    /// Why.
     pub reason: Reason,
     /// Hops as the kernel counts them (`dist_a + dist_b`); `None` for software clients.
     pub distance: Option<u32>,
@@ -248,6 +268,7 @@ pub struct Verdict {
     /// Whether the root complex(es) crossed are on the kernel's whitelist (or the CPU is
     /// AMD Zen). `None` when the path does not cross a root complex.
     pub host_bridge_whitelisted: Option<bool>,
+    /// NUMA node of the provider, when the kernel reports one.
     pub provider_numa: Option<u32>,
 }
 

@@ -78,12 +78,15 @@ impl WindowAccess {
     pub const fn none() -> WindowAccess {
         WindowAccess(0)
     }
+    /// Adds remote write (the region needs local write too).
     pub const fn remote_write(self) -> WindowAccess {
         WindowAccess(self.0 | ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0)
     }
+    /// Adds remote read.
     pub const fn remote_read(self) -> WindowAccess {
         WindowAccess(self.0 | ibv_access_flags::IBV_ACCESS_REMOTE_READ.0)
     }
+    /// The `ibv_access_flags` bits.
     pub const fn bits(self) -> u32 {
         self.0
     }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use rdma_sys::*;
 
 use crate::device::Context;
-use crate::error::{Error, Result, WcStatus};
+use crate::error::{Errno, Error, Result, WcStatus};
 use crate::fd::{set_nonblocking, wait_readable};
 use crate::inflight::QpShared;
 
@@ -90,7 +90,7 @@ impl CompletionChannel {
             }
             return Err(Error::Verbs {
                 op: "ibv_get_cq_event",
-                errno,
+                errno: Errno(errno),
             });
         }
         // Acknowledge at once so destroying the CQ never waits for unacked events.
@@ -114,15 +114,25 @@ pub struct CqId(usize);
 /// Opcode of a completion (`enum ibv_wc_opcode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WcOpcode {
+    /// A SEND (any flavour) finished.
     Send,
+    /// An RDMA WRITE finished.
     RdmaWrite,
+    /// An RDMA READ finished.
     RdmaRead,
+    /// An atomic compare-and-swap finished.
     CompSwap,
+    /// An atomic fetch-and-add finished.
     FetchAdd,
+    /// A memory window bind finished.
     BindMw,
+    /// A local invalidate finished.
     LocalInv,
+    /// A receive took an incoming SEND.
     Recv,
+    /// A receive was consumed by an RDMA WRITE with immediate data.
     RecvRdmaWithImm,
+    /// An opcode this crate does not know.
     Other(u32),
 }
 
@@ -161,16 +171,21 @@ impl WcOpcode {
 /// One work completion.
 #[derive(Debug, Clone, Copy)]
 pub struct Completion {
+    /// The id the work request was posted with.
     pub wr_id: u64,
+    /// Success or why the work request failed.
     pub status: WcStatus,
     /// Valid only for successful completions (error completions carry no opcode).
     pub opcode: WcOpcode,
+    /// Bytes received (valid for receive completions).
     pub byte_len: u32,
     /// Immediate data (host byte order) of a SEND/WRITE_WITH_IMM.
     pub imm: Option<u32>,
     /// The rkey the peer invalidated with SEND_WITH_INV.
     pub invalidated_rkey: Option<u32>,
+    /// The QP the work request belonged to.
     pub qp_num: u32,
+    /// The provider's own error code (error completions).
     pub vendor_err: u32,
 }
 
@@ -325,7 +340,7 @@ impl CompletionQueue {
         if n < 0 {
             return Err(Error::Verbs {
                 op: "ibv_poll_cq",
-                errno: -n,
+                errno: Errno(-n),
             });
         }
         let n = n as usize;
@@ -425,7 +440,7 @@ impl CompletionQueue {
             }
             return Err(Error::Verbs {
                 op: "ibv_get_cq_event",
-                errno,
+                errno: Errno(errno),
             });
         }
         // Acknowledge at once so destroy never waits for unacked events. (If the channel is

@@ -289,36 +289,58 @@ impl Context {
 /// Device limits and capabilities (`ibv_query_device`).
 #[derive(Debug, Clone)]
 pub struct DeviceAttributes {
+    /// Firmware version.
     pub fw_ver: String,
+    /// Largest memory region, in bytes.
     pub max_mr_size: u64,
+    /// Most QPs.
     pub max_qp: u32,
+    /// Most work requests per queue.
     pub max_qp_wr: u32,
+    /// Most SGEs per send or receive work request.
     pub max_sge: u32,
+    /// Most SGEs per RDMA READ.
     pub max_sge_rd: u32,
+    /// Most CQs.
     pub max_cq: u32,
+    /// Most entries per CQ.
     pub max_cqe: u32,
+    /// Most memory regions.
     pub max_mr: u32,
+    /// Most protection domains.
     pub max_pd: u32,
+    /// Most RDMA READs (and atomics) a QP answers at once (responder resources).
     pub max_qp_rd_atom: u32,
+    /// Most RDMA READs (and atomics) a QP has outstanding (initiator depth).
     pub max_qp_init_rd_atom: u32,
+    /// Most shared receive queues.
     pub max_srq: u32,
+    /// Most work requests per SRQ.
     pub max_srq_wr: u32,
+    /// Most memory windows.
     pub max_mw: u32,
     /// Memory windows type 1 supported.
     pub mw_type1: bool,
     /// Memory windows type 2 (2A or 2B) supported.
     pub mw_type2: bool,
+    /// Number of physical ports.
     pub phys_port_cnt: u8,
 }
 
 /// Logical port state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PortState {
+    /// The link is down.
     Down,
+    /// The link is up, not yet configured by the subnet manager.
     Init,
+    /// Configured, not yet active.
     Armed,
+    /// Up and passing traffic.
     Active,
+    /// Active, deferring to the subnet manager.
     ActiveDefer,
+    /// A state this crate does not know.
     Other(u32),
 }
 
@@ -338,12 +360,17 @@ impl PortState {
 /// Port attributes (`ibv_query_port`).
 #[derive(Debug, Clone)]
 pub struct PortAttributes {
+    /// Port number (from 1).
     pub port: u8,
+    /// Logical state.
     pub state: PortState,
     /// MTU in bytes (256..4096).
     pub max_mtu: u32,
+    /// Active MTU in bytes.
     pub active_mtu: u32,
+    /// Entries in the GID table.
     pub gid_tbl_len: u32,
+    /// Largest message, in bytes.
     pub max_msg_sz: u32,
     /// RoCE (Ethernet) rather than InfiniBand.
     pub link_layer_ethernet: bool,
@@ -364,6 +391,7 @@ pub enum GidType {
     IbRoceV1,
     /// RoCE v2 (UDP/IP encapsulated; what rdma_cm uses over IP).
     RoceV2,
+    /// sysfs reported another type, or none.
     Unknown,
 }
 
@@ -380,8 +408,11 @@ impl GidType {
 /// One GID table entry.
 #[derive(Debug, Clone)]
 pub struct GidEntry {
+    /// Index in the port's GID table.
     pub index: u32,
+    /// The GID (network byte order).
     pub gid: [u8; 16],
+    /// Its type.
     pub kind: GidType,
     /// The network device this GID belongs to (RoCE), from sysfs.
     pub netdev: Option<String>,

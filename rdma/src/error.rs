@@ -3,40 +3,62 @@
 use std::fmt;
 use std::time::Duration;
 
+pub use peerpipe_p2p_alloc::Errno;
+
 /// Result alias used throughout the crate.
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Status of a work completion (`enum ibv_wc_status`), named.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum WcStatus {
+    /// The work request completed.
     Success,
+    /// A message exceeds the posted receive buffer or the port's limits.
     LocalLengthError,
+    /// A send queue WQE was malformed (or the QP is in a bad state).
     LocalQpOperationError,
+    /// EE context error (reliable datagram only).
     LocalEecOperationError,
+    /// A local buffer lies outside its region or lacks the access it needs.
     LocalProtectionError,
     /// The QP went to the error state (disconnect, earlier error, destroy): the WR was flushed.
     Flushed,
+    /// A memory window bind was refused.
     MemoryWindowBindError,
+    /// The responder sent an unexpected transport opcode.
     BadResponse,
+    /// A protection error on a local buffer while executing a request from the peer.
     LocalAccessError,
+    /// The peer refused the request (unsupported operation, bad length).
     RemoteInvalidRequest,
     /// The remote side refused the access (bad rkey, out of range, missing rights, invalidated
     /// window).
     RemoteAccessError,
+    /// The peer could not complete the operation.
     RemoteOperationError,
     /// The peer stopped acknowledging (vanished, or the link is down): transport retries ran out.
     RetryExceeded,
     /// The peer had no receive posted for too long.
     RnrRetryExceeded,
+    /// RDD violation (reliable datagram only).
     LocalRddViolation,
+    /// The peer refused an RDMA READ or atomic (reliable datagram only).
     RemoteInvalidRdRequest,
+    /// The peer aborted the operation.
     RemoteAborted,
+    /// Invalid EE context number (reliable datagram only).
     InvalidEecn,
+    /// Invalid EE context state (reliable datagram only).
     InvalidEecState,
+    /// The device hit a fatal error.
     Fatal,
+    /// A response timed out.
     ResponseTimeout,
+    /// A general error the provider reported without detail.
     General,
+    /// Tag matching error.
     TagMatching,
+    /// Tag matching rendezvous request incomplete.
     TagMatchingRendezvousIncomplete,
     /// A status this crate does not know.
     Unknown(u32),
@@ -163,26 +185,41 @@ pub enum PeerMemoryCause {
     P2pdmaNotAllowed,
 }
 
-/// Every error of this crate: the operation, the errno where there is one, and what to do.
+/// Every error of this crate: the operation, the errno where there is one (as the error's
+/// [`source`](std::error::Error::source)), and what to do.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A verbs / rdma_cm call failed with an errno.
-    #[error("{op} failed: {} (errno {errno}){}", errno_text(*errno), errno_hint(op, *errno))]
-    Verbs { op: &'static str, errno: i32 },
+    #[error("{op} failed: {} (errno {}){}", errno_text(errno.0), errno.0, errno_hint(op, errno.0))]
+    Verbs {
+        /// The call (`ibv_reg_mr`, `rdma_connect`, ...).
+        op: &'static str,
+        /// The OS error number.
+        #[source]
+        errno: Errno,
+    },
 
     /// The kernel cannot pin this peer (p2pmem) memory for RDMA.
     #[error(
-        "{op} failed: the kernel cannot pin this peer (p2pmem) memory for RDMA ({}, errno {errno}; \
+        "{op} failed: the kernel cannot pin this peer (p2pmem) memory for RDMA ({}, errno {}; \
          {len} bytes at {addr:#x}{}). {}",
-        errno_text(*errno),
+        errno_text(errno.0),
+        errno.0,
         mapping.as_deref().map(|m| format!(", mapping {m}")).unwrap_or_default(),
         peer_memory_advice(*cause)
     )]
     PeerMemoryNotPinnable {
+        /// The registration call.
         op: &'static str,
-        errno: i32,
+        /// The OS error number (EFAULT or EREMOTEIO).
+        #[source]
+        errno: Errno,
+        /// What the errno means for peer memory.
         cause: PeerMemoryCause,
+        /// Start of the range.
         addr: usize,
+        /// Length of the range.
         len: usize,
         /// The mapped file (from /proc/self/maps) when known.
         mapping: Option<String>,
@@ -192,58 +229,96 @@ pub enum Error {
     #[error("{op} work request {wr_id} completed with {status} (vendor error {vendor_err:#x}){}",
         if status.hint().is_empty() { String::new() } else { format!(": {}", status.hint()) })]
     Completion {
+        /// The work request's operation (`RDMA_WRITE`, `RECV`, ...).
         op: &'static str,
+        /// The work request's id.
         wr_id: u64,
+        /// The completion status.
         status: WcStatus,
+        /// The provider's own error code.
         vendor_err: u32,
     },
 
     /// The device (or the kernel) does not support this.
     #[error("{op} is not supported by {device}: {reason}")]
     Unsupported {
+        /// The refused operation.
         op: &'static str,
+        /// The device's name.
         device: String,
+        /// Why, and what to do instead.
         reason: String,
     },
 
     /// A blocking call ran out of time.
     #[error("{op} timed out after {after:?}")]
-    Timeout { op: &'static str, after: Duration },
+    Timeout {
+        /// What was waited for.
+        op: &'static str,
+        /// The time allowed.
+        after: Duration,
+    },
 
     /// The peer disconnected (or vanished: its process exited and the kernel tore down its side).
     #[error("{op}: the peer disconnected")]
-    Disconnected { op: &'static str },
+    Disconnected {
+        /// What noticed it.
+        op: &'static str,
+    },
 
     /// The RDMA device was removed under the connection.
     #[error("{op}: the RDMA device was removed")]
-    DeviceRemoved { op: &'static str },
+    DeviceRemoved {
+        /// What noticed it.
+        op: &'static str,
+    },
 
     /// The peer rejected the connection (status is the CM reject reason; 28 = consumer reject).
     #[error("connect rejected by the peer (reason {status}, {} bytes of private data)", private_data.len())]
-    Rejected { status: i32, private_data: Vec<u8> },
+    Rejected {
+        /// The CM reject reason.
+        status: i32,
+        /// The private data the peer sent with the reject.
+        private_data: Vec<u8>,
+    },
 
     /// rdma_cm reported an error event (address/route resolution, unreachable, connect error).
     #[error("{op}: rdma_cm reported {event} (status {status}: {}){}", errno_text(status.abs()), cm_hint(event))]
     Cm {
+        /// What was being done.
         op: &'static str,
+        /// The event's name (`ADDR_ERROR`, `UNREACHABLE`, ...).
         event: &'static str,
+        /// The event's status (a negative errno).
         status: i32,
     },
 
     /// No RDMA device with this name.
     #[error("no RDMA device named {name:?} (present: {present:?}); load rdma_rxe and `rdma link add` one")]
-    NoSuchDevice { name: String, present: Vec<String> },
+    NoSuchDevice {
+        /// The name asked for.
+        name: String,
+        /// The devices there are.
+        present: Vec<String>,
+    },
 
     /// The caller passed something invalid.
     #[error("{op}: invalid argument: {reason}")]
-    InvalidArgument { op: &'static str, reason: String },
+    InvalidArgument {
+        /// The refused operation.
+        op: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 impl Error {
     /// The errno carried by this error, if any.
     pub fn errno(&self) -> Option<i32> {
         match self {
-            Error::Verbs { errno, .. } | Error::PeerMemoryNotPinnable { errno, .. } => Some(*errno),
+            Error::Verbs { errno, .. } | Error::PeerMemoryNotPinnable { errno, .. } => {
+                Some(errno.0)
+            }
             Error::Cm { status, .. } => Some(status.abs()),
             _ => None,
         }
@@ -261,7 +336,7 @@ impl Error {
     pub(crate) fn last_os(op: &'static str) -> Error {
         Error::Verbs {
             op,
-            errno: last_errno(),
+            errno: Errno(last_errno()),
         }
     }
 
@@ -269,7 +344,10 @@ impl Error {
     /// the errno directly; rdma_cm calls return -1 and set errno).
     pub(crate) fn from_ret(op: &'static str, ret: i32) -> Error {
         let errno = if ret > 0 { ret } else { last_errno() };
-        Error::Verbs { op, errno }
+        Error::Verbs {
+            op,
+            errno: Errno(errno),
+        }
     }
 }
 
@@ -371,7 +449,7 @@ pub(crate) fn reg_mr_error(
     match (peer, cause) {
         (true, Some(cause)) => Error::PeerMemoryNotPinnable {
             op: "ibv_reg_mr",
-            errno,
+            errno: Errno(errno),
             cause,
             addr,
             len,
@@ -379,7 +457,7 @@ pub(crate) fn reg_mr_error(
         },
         _ => Error::Verbs {
             op: "ibv_reg_mr",
-            errno,
+            errno: Errno(errno),
         },
     }
 }
@@ -486,7 +564,7 @@ mod tests {
             e,
             Error::Verbs {
                 op: "ibv_reg_mr",
-                errno: libc::EFAULT
+                errno: Errno(libc::EFAULT)
             }
         ));
         let e = reg_mr_error(libc::EFAULT, MemoryKind::Detect, 0x1000, 4096, None);
@@ -496,7 +574,7 @@ mod tests {
         assert!(matches!(
             e,
             Error::Verbs {
-                errno: libc::ENOMEM,
+                errno: Errno(libc::ENOMEM),
                 ..
             }
         ));
@@ -526,10 +604,22 @@ mod tests {
     }
 
     #[test]
+    fn errno_is_the_source() {
+        use std::error::Error as _;
+        let e = reg_mr_error(libc::EFAULT, MemoryKind::Peer, 0x1000, 4096, None);
+        let errno = e.source().and_then(|s| s.downcast_ref::<Errno>()).copied();
+        assert_eq!(errno, Some(Errno(libc::EFAULT)));
+        let e = Error::from_ret("ibv_post_send", libc::ENOMEM);
+        let errno = e.source().and_then(|s| s.downcast_ref::<Errno>()).copied();
+        assert_eq!(errno, Some(Errno(libc::ENOMEM)));
+        assert!(Error::Disconnected { op: "connection" }.source().is_none());
+    }
+
+    #[test]
     fn verbs_error_text() {
         let e = Error::Verbs {
             op: "rdma_bind_addr",
-            errno: libc::EADDRINUSE,
+            errno: Errno(libc::EADDRINUSE),
         };
         assert!(e.to_string().contains("already in use"), "{e}");
         assert_eq!(e.errno(), Some(libc::EADDRINUSE));

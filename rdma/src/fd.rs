@@ -4,7 +4,7 @@
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::Duration;
 
-use crate::error::{last_errno, Error, Result};
+use crate::error::{last_errno, Errno, Error, Result};
 
 /// Sets `O_NONBLOCK` on `fd`.
 ///
@@ -44,7 +44,10 @@ pub(crate) fn wait_readable(fds: &[BorrowedFd<'_>], timeout: Duration) -> Result
             if errno == libc::EINTR {
                 continue;
             }
-            return Err(Error::Verbs { op: "poll", errno });
+            return Err(Error::Verbs {
+                op: "poll",
+                errno: Errno(errno),
+            });
         }
         return Ok(p.iter().map(|x| x.revents != 0).collect());
     }

@@ -50,7 +50,7 @@ pub use device::{
     device_names, mtu_bytes, Context, DeviceAttributes, GidEntry, GidType, PortAttributes,
     PortState,
 };
-pub use error::{Error, MemoryKind, PeerMemoryCause, Result, WcStatus};
+pub use error::{Errno, Error, MemoryKind, PeerMemoryCause, Result, WcStatus};
 pub use mr::{MemoryRegion, RemoteBuf, Sge};
 pub use mw::MemoryWindow;
 pub use pd::ProtectionDomain;

@@ -11,7 +11,7 @@ use peerpipe_p2p_alloc::{AlignedBuf, Error as AllocError, PAGE_ALIGN};
 use rdma_sys::*;
 
 use crate::access::Access;
-use crate::error::{mapping_path, reg_mr_error, Error, MemoryKind, Result};
+use crate::error::{mapping_path, reg_mr_error, Errno, Error, MemoryKind, Result};
 use crate::pd::ProtectionDomain;
 
 /// A registered memory region. Cheap to clone; work requests hold a clone while in flight, so
@@ -54,8 +54,11 @@ impl Drop for MrInner {
 /// Where a peer may access a buffer: what goes into a buffer advertisement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RemoteBuf {
+    /// The peer's address of the buffer (an IOVA or a virtual address).
     pub addr: u64,
+    /// Length in bytes.
     pub len: u32,
+    /// The remote key.
     pub rkey: u32,
 }
 
@@ -224,7 +227,7 @@ impl MemoryRegion {
             },
             _ => Error::Verbs {
                 op: "alloc",
-                errno: libc::ENOMEM,
+                errno: Errno(libc::ENOMEM),
             },
         })?;
         let ptr = buf.as_mut_ptr();
@@ -286,7 +289,7 @@ impl MemoryRegion {
             }
             return Err(Error::Verbs {
                 op: "ibv_reg_dmabuf_mr",
-                errno,
+                errno: Errno(errno),
             });
         }
         Ok(MemoryRegion {
@@ -312,26 +315,34 @@ impl MemoryRegion {
     pub fn iova(&self) -> u64 {
         self.inner.iova
     }
+    /// Start of the registered memory in this process (a dma-buf region: its IOVA). Copy
+    /// through it only with raw pointer copies: the NIC and the peer may write it any time.
     pub fn as_ptr(&self) -> *mut u8 {
         self.inner.addr as *mut u8
     }
+    /// Length in bytes.
     pub fn len(&self) -> usize {
         self.inner.len
     }
+    /// Whether the length is 0.
     pub fn is_empty(&self) -> bool {
         self.inner.len == 0
     }
+    /// The local key (for SGEs naming the region).
     pub fn lkey(&self) -> u32 {
         // SAFETY: mr is valid while self lives; lkey is immutable.
         unsafe { (*self.inner.mr).lkey }
     }
+    /// The remote key (for peers naming the region).
     pub fn rkey(&self) -> u32 {
         // SAFETY: as above.
         unsafe { (*self.inner.mr).rkey }
     }
+    /// The access rights it was registered with.
     pub fn access(&self) -> Access {
         self.inner.access
     }
+    /// The protection domain it belongs to.
     pub fn pd(&self) -> &ProtectionDomain {
         &self.inner.pd
     }
@@ -451,12 +462,15 @@ pub struct Sge {
 }
 
 impl Sge {
+    /// Length in bytes.
     pub fn len(&self) -> u32 {
         self.len
     }
+    /// Whether the length is 0.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+    /// The region the entry lies in.
     pub fn region(&self) -> &MemoryRegion {
         &self.mr
     }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use rdma_sys::*;
 
-use crate::error::{Error, Result};
+use crate::error::{Errno, Error, Result};
 use crate::pd::ProtectionDomain;
 
 /// A type-2 memory window. Cheap to clone.
@@ -62,7 +62,7 @@ impl MemoryWindow {
                 }
                 return Err(Error::Verbs {
                     op: "ibv_alloc_mw",
-                    errno,
+                    errno: Errno(errno),
                 });
             }
         };

@@ -18,10 +18,15 @@ use crate::wr::{RecvRequest, SendOp, SendRequest};
 /// Queue sizes of a QP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QpCaps {
+    /// Most outstanding send work requests.
     pub max_send_wr: u32,
+    /// Most outstanding receive work requests (0 with an SRQ).
     pub max_recv_wr: u32,
+    /// Most SGEs per send work request.
     pub max_send_sge: u32,
+    /// Most SGEs per receive work request.
     pub max_recv_sge: u32,
+    /// Most bytes of inline data per send work request.
     pub max_inline_data: u32,
 }
 
@@ -41,10 +46,15 @@ impl Default for QpCaps {
 /// (`Connector::context()` / `ConnectRequest::context()`).
 #[derive(Clone)]
 pub struct QpInit {
+    /// The protection domain of the QP and of every region it posts.
     pub pd: ProtectionDomain,
+    /// The CQ send completions go to.
     pub send_cq: CompletionQueue,
+    /// The CQ receive completions go to (may be `send_cq`).
     pub recv_cq: CompletionQueue,
+    /// Where receives come from, when shared with other QPs.
     pub srq: Option<SharedReceiveQueue>,
+    /// The queue sizes asked for.
     pub caps: QpCaps,
 }
 
@@ -59,10 +69,12 @@ impl QpInit {
             caps: QpCaps::default(),
         }
     }
+    /// With these queue sizes.
     pub fn caps(mut self, caps: QpCaps) -> QpInit {
         self.caps = caps;
         self
     }
+    /// Taking receives from `srq` (then `post_recv` on the QP is refused).
     pub fn srq(mut self, srq: &SharedReceiveQueue) -> QpInit {
         self.srq = Some(srq.clone());
         self

@@ -24,10 +24,15 @@ pub enum SendOp {
     /// Binds a type-2 memory window to `[offset, offset+len)` of `mr` (which needs
     /// `Access::mw_bind`); afterwards `window.rkey()` is the key to hand out.
     BindWindow {
+        /// The window to bind.
         window: MemoryWindow,
+        /// The region it opens onto.
         mr: MemoryRegion,
+        /// Start of the window within the region.
         offset: u64,
+        /// Length of the window.
         len: u64,
+        /// What the peer may do through it.
         access: WindowAccess,
     },
 }
@@ -48,8 +53,11 @@ impl SendOp {
 /// A send-queue work request. Build with the constructors, adjust with the flag methods.
 #[derive(Clone, Debug)]
 pub struct SendRequest {
+    /// Returned in the completion (and in error completions).
     pub wr_id: u64,
+    /// What to do.
     pub op: SendOp,
+    /// The local buffers (gathered for sends and writes, scattered into for reads).
     pub sges: Vec<Sge>,
     /// Inline payload: copied into the WQE at post time (no MR needed); replaces `sges`.
     pub inline: Option<Vec<u8>>,
@@ -63,6 +71,7 @@ pub struct SendRequest {
 }
 
 impl SendRequest {
+    /// A signalled work request doing `op` on `sges`.
     pub fn new(wr_id: u64, op: SendOp, sges: Vec<Sge>) -> SendRequest {
         SendRequest {
             wr_id,
@@ -74,12 +83,15 @@ impl SendRequest {
             solicited: false,
         }
     }
+    /// A signalled SEND of `sges`.
     pub fn send(wr_id: u64, sges: Vec<Sge>) -> SendRequest {
         Self::new(wr_id, SendOp::Send, sges)
     }
+    /// A signalled RDMA WRITE of `sges` to `remote`.
     pub fn write(wr_id: u64, sges: Vec<Sge>, remote: RemoteBuf) -> SendRequest {
         Self::new(wr_id, SendOp::Write(remote), sges)
     }
+    /// A signalled RDMA READ of `remote` into `sges`.
     pub fn read(wr_id: u64, sges: Vec<Sge>, remote: RemoteBuf) -> SendRequest {
         Self::new(wr_id, SendOp::Read(remote), sges)
     }
@@ -116,18 +128,22 @@ impl SendRequest {
         self.sges.clear();
         self
     }
+    /// Without a completion on success (see [`signaled`](Self::signaled)).
     pub fn unsignaled(mut self) -> SendRequest {
         self.signaled = false;
         self
     }
+    /// Signalled or not, by `yes`.
     pub fn signaled_if(mut self, yes: bool) -> SendRequest {
         self.signaled = yes;
         self
     }
+    /// Fenced: starts after earlier RDMA READs finished.
     pub fn fenced(mut self) -> SendRequest {
         self.fence = true;
         self
     }
+    /// Solicited: wakes a peer armed for solicited events only.
     pub fn solicited(mut self) -> SendRequest {
         self.solicited = true;
         self
@@ -137,11 +153,14 @@ impl SendRequest {
 /// A receive work request: where the next incoming SEND (or WRITE_WITH_IMM) lands.
 #[derive(Clone, Debug)]
 pub struct RecvRequest {
+    /// Returned in the receive completion.
     pub wr_id: u64,
+    /// Where the incoming data is scattered.
     pub sges: Vec<Sge>,
 }
 
 impl RecvRequest {
+    /// A receive into `sges`.
     pub fn new(wr_id: u64, sges: Vec<Sge>) -> RecvRequest {
         RecvRequest { wr_id, sges }
     }

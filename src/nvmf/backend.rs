@@ -387,7 +387,7 @@ pub struct IoDone {
 /// closer errno).
 pub fn errno_of(e: &uring::Error) -> i32 {
     match e {
-        uring::Error::Os { errno, .. } => *errno,
+        uring::Error::Os { errno, .. } => errno.get(),
         uring::Error::Nvme { status, .. } => match (status.sct(), status.sc()) {
             (0, 0x80) => libc::ERANGE,     // LBA Out of Range
             (0, 0x81) => libc::ENOSPC,     // Capacity Exceeded
@@ -399,6 +399,8 @@ pub fn errno_of(e: &uring::Error) -> i32 {
         uring::Error::Unsupported { .. } => libc::EOPNOTSUPP,
         uring::Error::Invalid { .. } => libc::EINVAL,
         uring::Error::RingFull { .. } => libc::EAGAIN,
+        // uring::Error is non-exhaustive: an error kind added later is an I/O error here
+        _ => libc::EIO,
     }
 }
 
@@ -549,7 +551,7 @@ mod tests {
         assert_eq!((s.sct(), s.sc(), s.dnr()), (2, 0x81, true));
         let os = uring::Error::Os {
             op: "read",
-            errno: libc::ENOSPC,
+            errno: uring::Errno(libc::ENOSPC),
         };
         let d = QueueIo::done(completion(OpKind::Read, Err(os))).unwrap();
         assert_eq!(d.result, Err(IoFailure::Errno(libc::ENOSPC)));
@@ -722,7 +724,7 @@ mod tests {
         assert_eq!(
             errno_of(&uring::Error::Os {
                 op: "t",
-                errno: libc::ENOSPC
+                errno: uring::Errno(libc::ENOSPC)
             }),
             libc::ENOSPC
         );

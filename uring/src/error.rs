@@ -5,16 +5,20 @@ use crate::buf::Buffers;
 use crate::status::NvmeStatus;
 use std::fmt;
 
+pub use peerpipe_p2p_alloc::Errno;
+
 /// Everything that can go wrong in this crate.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A system call or an io_uring completion returned `-errno`.
-    #[error("{op}: {} (errno {errno}): {}", strerror(*errno), errno_hint(*errno))]
+    #[error("{op}: {} (errno {}): {}", strerror(errno.0), errno.0, errno_hint(errno.0))]
     Os {
         /// The operation that failed.
         op: &'static str,
-        /// The positive errno value.
-        errno: i32,
+        /// The positive errno value (the error's source).
+        #[source]
+        errno: Errno,
     },
     /// An NVMe passthrough command completed with a non-zero NVMe status.
     #[error("{op}: NVMe status {status}: {}", status.hint())]
@@ -59,7 +63,7 @@ impl Error {
     pub fn from_io(op: &'static str, e: &std::io::Error) -> Self {
         Error::Os {
             op,
-            errno: e.raw_os_error().unwrap_or(libc::EIO),
+            errno: Errno(e.raw_os_error().unwrap_or(libc::EIO)),
         }
     }
     pub(crate) fn invalid(op: &'static str, reason: impl Into<String>) -> Self {
@@ -87,7 +91,7 @@ impl Error {
     /// The errno, for [`Error::Os`].
     pub fn errno(&self) -> Option<i32> {
         match self {
-            Error::Os { errno, .. } => Some(*errno),
+            Error::Os { errno, .. } => Some(errno.0),
             _ => None,
         }
     }
@@ -164,3 +168,22 @@ impl<B> From<Rejected<B>> for Error {
 
 /// Result of this crate's operations.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn os_errors_carry_the_errno_as_source() {
+        let e = Error::from_io("open", &std::io::Error::from_raw_os_error(libc::EACCES));
+        assert_eq!(e.errno(), Some(libc::EACCES));
+        let errno = e.source().and_then(|s| s.downcast_ref::<Errno>()).copied();
+        assert_eq!(errno, Some(Errno(libc::EACCES)));
+        assert!(
+            e.to_string().contains(&format!("(errno {})", libc::EACCES)),
+            "{e}"
+        );
+        assert!(Error::invalid("read", "bad").source().is_none());
+    }
+}

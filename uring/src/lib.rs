@@ -44,7 +44,7 @@ mod status;
 pub use buf::{AlignedBuf, Buffers, IoBuf, RawBuf, Slice};
 pub use capability::{Capabilities, Feature};
 pub use cmd::{dsm_ranges, Direction, NvmeCommand, Queue};
-pub use error::{errno_hint, Error, Rejected, Result};
+pub use error::{errno_hint, Errno, Error, Rejected, Result};
 pub use file::{FileOptions, FileTarget};
 pub use namespace::{char_device_path, ControllerInfo, LbaFormat, Namespace, NamespaceInfo};
 pub use ring::{uring_cmd_sqe, Completion, FileRef, OpKind, PollId, Ring, RingBuilder, TargetId};

@@ -4,7 +4,7 @@
 use crate::abi::{self, NVME_IOCTL_ID};
 use crate::buf::{AlignedBuf, IoBuf};
 use crate::cmd::NvmeCommand;
-use crate::error::{Error, Result};
+use crate::error::{Errno, Error, Result};
 use crate::ring::{uring_cmd_sqe, FileRef};
 use crate::status::NvmeStatus;
 use std::fs::{File, OpenOptions};
@@ -423,7 +423,10 @@ fn identify(fd: BorrowedFd<'_>, mut c: NvmeCommand) -> Result<AlignedBuf> {
         .ok_or_else(|| Error::invalid(OP, "no completion after wait"))?;
     match cqe.result() {
         0 => Ok(buf),
-        r if r < 0 => Err(Error::Os { op: OP, errno: -r }),
+        r if r < 0 => Err(Error::Os {
+            op: OP,
+            errno: Errno(-r),
+        }),
         r => Err(Error::Nvme {
             op: OP,
             status: NvmeStatus::from_res(r),

@@ -1,7 +1,7 @@
 //! NVMe status and errno decoding.
 
 use peerpipe_uring::{ControllerInfo, LbaFormat, NamespaceInfo};
-use peerpipe_uring::{Error, NvmeStatus};
+use peerpipe_uring::{Errno, Error, NvmeStatus};
 
 #[test]
 fn decodes_lba_out_of_range_with_dnr() {
@@ -52,7 +52,7 @@ fn decodes_fields() {
 fn errno_errors_carry_op_errno_and_hint() {
     let e = Error::Os {
         op: "io_uring_register_buffers",
-        errno: libc::EREMOTEIO,
+        errno: Errno(libc::EREMOTEIO),
     };
     assert_eq!(e.errno(), Some(libc::EREMOTEIO));
     assert_eq!(e.op(), "io_uring_register_buffers");
@@ -63,7 +63,7 @@ fn errno_errors_carry_op_errno_and_hint() {
     );
     let t = Error::Os {
         op: "read",
-        errno: libc::EINVAL,
+        errno: Errno(libc::EINVAL),
     }
     .to_string();
     assert!(t.contains("alignment"), "{t}");

@@ -14,6 +14,7 @@ mod vm;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
+/// Result of an xtask step: the error is the message printed before exiting.
 pub type Result<T> = std::result::Result<T, String>;
 
 fn main() -> ExitCode {

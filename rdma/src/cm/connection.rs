@@ -13,7 +13,7 @@ use super::event::{CmEvent, CmEventKind};
 use super::id::CmId;
 use crate::cq::{Completion, CompletionQueue};
 use crate::device::Context;
-use crate::error::{Error, Result};
+use crate::error::{Errno, Error, Result};
 use crate::fd::wait_readable;
 use crate::qp::QueuePair;
 
@@ -247,7 +247,7 @@ impl Connection {
             if errno != libc::EINVAL {
                 return Err(Error::Verbs {
                     op: "rdma_disconnect",
-                    errno,
+                    errno: Errno(errno),
                 });
             }
         }

@@ -7,32 +7,50 @@ use std::time::{Duration, Instant};
 
 use rdma_sys::*;
 
-use crate::error::{Error, Result};
+use crate::error::{Errno, Error, Result};
 use crate::fd::{set_nonblocking, wait_readable};
 
 /// Kind of an rdma_cm event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CmEventKind {
+    /// Address resolution finished.
     AddrResolved,
+    /// Address resolution failed.
     AddrError,
+    /// Route resolution finished.
     RouteResolved,
+    /// Route resolution failed.
     RouteError,
+    /// A client asks to connect (listener side).
     ConnectRequest,
+    /// The server answered (for ids without a QP).
     ConnectResponse,
+    /// The connection could not be established.
     ConnectError,
+    /// The peer did not answer.
     Unreachable,
+    /// The peer rejected the connection.
     Rejected,
+    /// The connection is up.
     Established,
+    /// The connection went down (either side disconnected).
     Disconnected,
+    /// The RDMA device is being removed.
     DeviceRemoval,
+    /// A multicast join finished.
     MulticastJoin,
+    /// A multicast join failed.
     MulticastError,
+    /// The id's address changed (e.g. bonding failover).
     AddrChange,
+    /// The connection left the timewait state (its QP number may be reused).
     TimewaitExit,
+    /// An event number this crate does not know.
     Other(u32),
 }
 
 impl CmEventKind {
+    /// Maps the raw `enum rdma_cm_event_type` value.
     pub fn from_raw(v: u32) -> CmEventKind {
         use CmEventKind::*;
         match v {
@@ -83,12 +101,15 @@ impl CmEventKind {
 /// One CM event (already acknowledged; the data is copied out).
 #[derive(Debug, Clone)]
 pub struct CmEvent {
+    /// What happened.
     pub kind: CmEventKind,
     /// Event status (negative errno for errors, reject reason for REJECTED).
     pub status: i32,
+    /// The private data that came with a connect request, accept or reject.
     pub private_data: Vec<u8>,
     /// The peer's requested responder_resources / initiator_depth (connect request/response).
     pub responder_resources: u8,
+    /// See `responder_resources`.
     pub initiator_depth: u8,
     /// The id the event is for (address; only used inside the crate).
     pub(super) id: usize,
@@ -144,7 +165,7 @@ impl EventChannel {
             }
             return Err(Error::Verbs {
                 op: "rdma_get_cm_event",
-                errno,
+                errno: Errno(errno),
             });
         }
         // SAFETY: ev is a valid event until acked; copy everything we need first.

@@ -42,9 +42,13 @@ pub fn drive_count() -> usize {
 /// An emulated NVMe drive: its block device and passthrough char device.
 #[derive(Debug, Clone)]
 pub struct Drive {
+    /// The drive's serial number (as in the QEMU `-device nvme,serial=`).
     pub serial: String,
+    /// The block device (`/dev/nvmeXnY`).
     pub block: PathBuf,
+    /// The passthrough char device (`/dev/ngXnY`).
     pub ng: PathBuf,
+    /// The LBA size in bytes.
     pub lba_size: u64,
 }
 
@@ -78,6 +82,7 @@ pub fn drives() -> Vec<Drive> {
     out
 }
 
+/// The drive with serial `serial`; panics (failing the test) when the testbed has none.
 pub fn drive(serial: &str) -> Drive {
     drives()
         .into_iter()
@@ -315,6 +320,7 @@ impl Drop for Watched {
     }
 }
 
+/// A command's exit status, stdout and stderr as text, for assertion messages.
 pub fn text(o: &Output) -> String {
     format!(
         "status: {}\nstdout:\n{}\nstderr:\n{}",
@@ -382,22 +388,27 @@ impl P2pMap {
         }
     }
 
+    /// Start of the mapping, writable.
     pub fn as_mut_ptr(&mut self) -> *mut u8 {
         self.ptr
     }
 
+    /// Start of the mapping.
     pub fn as_ptr(&self) -> *const u8 {
         self.ptr
     }
 
+    /// Length in bytes.
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// Whether the length is 0.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
+    /// The mapped bytes (CPU view; p2pmem is read over PCIe).
     pub fn bytes(&mut self) -> &mut [u8] {
         // SAFETY: the mapping is live for self's lifetime and only reachable through self.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }

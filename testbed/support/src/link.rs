@@ -58,6 +58,7 @@ pub fn gsi_qps_in_error() -> Vec<(String, String)> {
 pub struct LinkDown(&'static str);
 
 impl LinkDown {
+    /// Takes `dev` down now; it comes back up (routes and ACTIVE rxe ports) on drop.
     pub fn new(dev: &'static str) -> LinkDown {
         ip(&["link", "set", dev, "down"]);
         LinkDown(dev)

@@ -9,7 +9,7 @@ use super::{Cqe, Ring, Sqe};
 use crate::abi;
 use crate::buf::{AlignedBuf, IoBuf};
 use crate::capability::{Capabilities, Feature};
-use crate::error::{Error, Result};
+use crate::error::{Errno, Error, Result};
 use io_uring::{opcode, IoUring};
 
 /// Builds a [`Ring`]: every feature is optional and falls back when the kernel says no (see
@@ -135,7 +135,7 @@ impl RingBuilder {
             refused,
         } = with_fallback(want, setup).map_err(|errno| Error::Os {
             op: "io_uring_setup (SQE128/CQE32)",
-            errno,
+            errno: Errno(errno),
         })?;
         let feat = |i: usize, asked: bool| feature(asked, on[i], refused[i]);
         let mut probe = io_uring::Probe::new();

@@ -5,7 +5,7 @@
 use super::Ring;
 use crate::buf::IoBuf;
 use crate::capability::Feature;
-use crate::error::{Error, Result};
+use crate::error::{Errno, Error, Result};
 
 const OP: &str = "io_uring_register_buffers";
 
@@ -122,7 +122,10 @@ impl<B: IoBuf> Ring<B> {
                 self.caps
                     .unregistered_buffers
                     .push((addr as usize, len, errno));
-                Err(Error::Os { op: OP, errno })
+                Err(Error::Os {
+                    op: OP,
+                    errno: Errno(errno),
+                })
             }
         }
     }

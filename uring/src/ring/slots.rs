@@ -5,7 +5,7 @@
 
 use super::{Completion, OpKind};
 use crate::buf::{AlignedBuf, Buffers};
-use crate::error::{Error, Result};
+use crate::error::{Errno, Error, Result};
 use crate::status::NvmeStatus;
 
 /// One operation in flight.
@@ -168,7 +168,7 @@ impl<B> SlotTable<B> {
             let result = if res < 0 {
                 Err(Error::Os {
                     op: "poll",
-                    errno: -res,
+                    errno: Errno(-res),
                 })
             } else {
                 Ok(res as usize)
@@ -190,7 +190,10 @@ impl<B> SlotTable<B> {
         self.pending_cqes -= 1;
         let op = slot.kind.name();
         if res < 0 {
-            slot.error.get_or_insert(Error::Os { op, errno: -res });
+            slot.error.get_or_insert(Error::Os {
+                op,
+                errno: Errno(-res),
+            });
         } else if slot.nvme {
             if res > 0 {
                 slot.error.get_or_insert(Error::Nvme {
@@ -292,7 +295,7 @@ mod tests {
         assert!(t.complete(cqe(s, -libc::ENOSPC)).is_some_and(|c| c.result
             == Err(Error::Os {
                 op: "write",
-                errno: libc::EIO
+                errno: Errno(libc::EIO)
             })));
     }
 
@@ -303,7 +306,7 @@ mod tests {
         t.start(s, 1, OpKind::Read, false);
         let e = Error::Os {
             op: "io_uring_enter",
-            errno: libc::EBUSY,
+            errno: Errno(libc::EBUSY),
         };
         t.queued(s, 1, Some(e.clone()));
         let c = t.complete(cqe(s, 4096)).unwrap();
