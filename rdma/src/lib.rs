@@ -8,6 +8,14 @@
 //! * [`Listener`] / [`Connector`] → [`Connection`] (an RC [`QueuePair`] set up by rdma_cm).
 //! * [`SendRequest`] / [`RecvRequest`] posted in chains; [`SharedReceiveQueue`].
 //!
+//! Where things live (private modules; every item is exported once, here): `device` (contexts,
+//! attributes), `pd`, `mr` (regions, [`RemoteBuf`], [`Sge`]), `mw`, `access`, `wr` (work
+//! requests), `cq` (CQs, channels, completions), `qp` (queue pairs, SRQs, posting), `inflight`
+//! (what posted work requests hold until reaped: recorded by `qp`, released by `cq`), `cm`
+//! (rdma_cm: `event`, `id`, `params`, `connector`, `listener`, `connection`), `fd` (non-blocking
+//! fds and readiness waits), `error`. Edges point one way: `cm` builds on `qp`, `cq`, `fd`;
+//! `qp` on `cq`, `inflight` and the id it lives on (`cm::id`); `cq` on `inflight` and `fd`.
+//!
 //! Ownership: objects are reference counted internally (a QP holds its PD/CQs, an MR its PD,
 //! a PD its device), so they may be dropped in any order; teardown errors are logged with
 //! `tracing`. A posted work request holds its buffers until its completion is reaped.

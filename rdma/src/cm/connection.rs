@@ -72,7 +72,7 @@ impl Connection {
         &self.ctx
     }
     /// The connection's `rdma_cm_id`, for librdmacm calls this crate does not wrap; valid
-    /// while `self` lives.
+    /// while `self` lives. (The QP's own handle is `qp().as_raw()`.)
     pub fn as_raw(&self) -> *mut rdma_cm_id {
         self.id.as_raw()
     }
