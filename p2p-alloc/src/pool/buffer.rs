@@ -10,8 +10,9 @@ use super::counters::{bump, shard_ref};
 use super::ShardHandle;
 use crate::mapping::Backing;
 
-/// A buffer from a [`Pool`](super::Pool); returns to the pool on drop. The memory stays valid while
-/// the handle lives (its chunk is unmapped only after every buffer and the pool are gone).
+/// A buffer from a [`Pool`](super::Pool); returns to the pool on drop. The memory stays
+/// valid while the handle lives (its chunk is unmapped only after every buffer and the pool
+/// are gone).
 pub struct Buffer {
     pub(super) shard: Arc<CachePadded<ShardHandle>>,
     /// Moved back into the pool's free lists on drop (hence `ManuallyDrop`).
