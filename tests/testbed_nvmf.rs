@@ -729,8 +729,9 @@ impl Crafted {
 
 /// Bad input from a crafted initiator over RDMA gets the proper NVMe status, not a crash or
 /// a hang: commands before Connect, unknown and non-fabrics admin opcodes, an admin command on
-/// an I/O queue, a bad SGL descriptor type, an I/O-queue Connect naming another controller, a read past the
-/// namespace's end and one beyond MDTS. A kernel host keeps working beside it.
+/// an I/O queue, a bad SGL descriptor type, an SGL shorter than the transfer, an I/O-queue
+/// Connect naming another controller, a read past the namespace's end and one beyond MDTS. A
+/// kernel host keeps working beside it.
 #[test]
 #[ignore = "skipped: no device (testbed test; run: cargo xtask test)"]
 fn testbed_nvmf_crafted_bad_commands_get_the_proper_status() {
@@ -837,6 +838,17 @@ fn testbed_nvmf_crafted_bad_commands_get_the_proper_status() {
         Status::INVALID_OPCODE,
         "Identify on an I/O queue: {c:?}"
     );
+    // A keyed SGL shorter than the transfer (512 bytes for 8 blocks): Data SGL Length
+    // Invalid, DNR, and nothing is written past the host's 512 bytes.
+    let small = MemoryRegion::alloc(
+        &q.pd,
+        512,
+        Access::local_read().local_write().remote_write(),
+    )
+    .unwrap();
+    let c = q.command(&read(0, 7, &small));
+    assert_eq!(code(&c), Status::SGL_INVALID_DATA_LEN, "short SGL: {c:?}");
+    assert!(c.status.dnr(), "short SGL: {c:?}");
     // A well-formed read works on the same queue.
     let c = q.command(&read(0, 7, &data));
     assert!(c.status.is_success(), "read: {c:?}");
