@@ -35,6 +35,7 @@ mod pace;
 mod primary;
 mod replica;
 mod slots;
+mod turn;
 mod wait;
 
 use std::fmt;

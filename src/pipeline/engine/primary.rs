@@ -8,15 +8,16 @@ use crate::pipeline::{
     crc32c, CopyMeter, Failure, Layout, Outcome, Percentiles, PrimaryAction, PrimaryCore,
 };
 use crate::protocol::MSG_LEN;
-use crate::rdma::{self, SendOp, SendRequest, WcOpcode, WcStatus};
+use crate::rdma::{self, Completion as WorkCompletion, SendOp, SendRequest, WcOpcode, WcStatus};
 
 use super::drive::{Backend, Drive};
 use super::link::{Link, WR_MASK, WR_RECV, WR_WRITE};
 use super::pace::Pacer;
 use super::slots::{BufferInfo, DriveBuf, Slots};
+use super::turn::{self, Idle, Next, Role};
 use super::wait::Waiter;
 use super::{cpu_time, wait_bound, CopyMode, EngineError, Event, PrimaryConfig, WaitMode};
-use crate::uring::AlignedBuf;
+use crate::uring::{AlignedBuf, Completion};
 
 /// The result of a primary run. `outcome.success` is true only when every block was acked
 /// by every replica (and, with verify, every read-back matched).
@@ -167,303 +168,358 @@ impl PrimaryEngine {
         let n = links.len();
         let layout = self.layout;
         let cfg = &self.cfg;
-        let drive = &mut self.drive;
-        let slots = &mut self.slots;
-        let bounce = &mut self.bounce;
-        let bouncing = cfg.copy == CopyMode::Bounce;
-        let meter = CopyMeter::new();
-        let mut core = PrimaryCore::new(layout, n, self.window, cfg.verify)
+        let core = PrimaryCore::new(layout, n, self.window, cfg.verify)
             .map_err(|_| EngineError::Internal("the layout cannot be expressed on the wire"))?;
-        let mut free: Vec<usize> = (0..slots.len()).rev().collect();
-        let mut slot_of: HashMap<u64, usize> = HashMap::new();
-        let mut actions: VecDeque<PrimaryAction> = VecDeque::new();
-        let mut out = Vec::new();
         let t0 = Instant::now();
         let cpu0 = cpu_time();
-        core.start(&mut out);
-        actions.extend(out.drain(..));
-        let mut done = Vec::new();
-        let mut wcs = vec![rdma::EMPTY_COMPLETION; 64];
-        let mut last_progress = Instant::now();
-        let mut last_report = Instant::now();
-        // Per replica: since when it has owed us an answer (an ack, a buffer) without a word.
-        // A replica that owes nothing is never stalled: with the shared window, a healthy
-        // replica waiting behind a stalled one is quiet too, and must not be failed with it.
-        let mut quiet_since = vec![Instant::now(); n];
-        let mut pacer = Pacer::new(cfg.rate, t0);
-        // Reads the pacer holds back, in order; they go once it says they are due.
-        let mut paced: VecDeque<PrimaryAction> = VecDeque::new();
-
-        while !core.is_finished() {
-            let mut busy = false;
-            if !paced.is_empty() && pacer.due(Instant::now()) {
-                actions.extend(paced.drain(..));
-            }
-            while let Some(a) = actions.pop_front() {
-                if let PrimaryAction::Read { len, .. } = a {
-                    if !paced.is_empty() || !pacer.admit(u64::from(len), Instant::now()) {
-                        paced.push_back(a);
-                        continue;
-                    }
-                }
-                busy = true;
-                match a {
-                    PrimaryAction::Send { replica, msg } => {
-                        if links[replica].alive {
-                            links[replica].queue_msg(&msg);
-                        }
-                    }
-                    PrimaryAction::Read { seq, offset, len } => {
-                        let s = free
-                            .pop()
-                            .ok_or(EngineError::Internal("no free slot within the window"))?;
-                        slot_of.insert(seq, s);
-                        let buf = if bouncing {
-                            let h = bounce[s]
-                                .take()
-                                .ok_or(EngineError::Internal("a bounce buffer lent twice"))?;
-                            DriveBuf::host(s, h, len as usize)
-                        } else {
-                            slots.take(s, len as usize)?
-                        };
-                        if let Err(rej) = drive.ring.read(drive.t, offset, buf, seq) {
-                            let why = Failure::op("submitting the read", rej.error);
-                            if let Some(b) = rej.bufs.into_single() {
-                                if let Some(h) = slots.give_back(b) {
-                                    bounce[s] = Some(h);
-                                }
-                            }
-                            core.on_read_done(seq, Err(why), &mut out);
-                        }
-                    }
-                    PrimaryAction::Write {
-                        replica,
-                        seq,
-                        remote,
-                    } => {
-                        let s = *slot_of
-                            .get(&seq)
-                            .ok_or(EngineError::Internal("write of a block without a slot"))?;
-                        let (chunk, at) = slots.chunk_of(s);
-                        let link = &links[replica];
-                        let mr = link
-                            .mrs
-                            .get(&chunk)
-                            .ok_or(EngineError::Internal("slot chunk not registered"))?;
-                        // Queued: posted with the BlockSent the core asks for next, in one
-                        // chain (RC keeps them in order on the QP).
-                        match mr.sge(at, remote.len as usize) {
-                            Ok(sge) => link.queue(SendRequest::new(
-                                WR_WRITE | seq,
-                                SendOp::Write(rdma::RemoteBuf {
-                                    addr: remote.addr,
-                                    len: remote.len,
-                                    rkey: remote.rkey,
-                                }),
-                                vec![sge],
-                            )),
-                            Err(e) => {
-                                let why = Failure::op("describing the write's source", e);
-                                core.on_write_done(replica, seq, Err(why), &mut out)
-                            }
-                        }
-                    }
-                    PrimaryAction::Release { seq } => {
-                        if let Some(s) = slot_of.remove(&seq) {
-                            free.push(s);
-                        }
-                    }
-                    PrimaryAction::Disconnect { replica } => {
-                        if links[replica].alive {
-                            // What was queued before (a Fin) leaves first.
-                            let _ = links[replica].flush();
-                            links[replica].alive = false;
-                            let _ = links[replica].conn.disconnect(Duration::from_millis(500));
-                        }
-                    }
-                }
-                actions.extend(out.drain(..));
-            }
-            // One doorbell per replica for everything this round queued.
-            for (r, link) in links.iter().enumerate() {
-                if link.alive {
-                    if let Err(e) = link.flush() {
-                        busy = true;
-                        let why = Failure::op("posting work requests", e);
-                        core.on_replica_lost(r, why, &mut out);
-                    }
-                }
-            }
-            actions.extend(out.drain(..));
-            // Source reads (some may have arrived while waiting).
-            drive
-                .ring
-                .reap(&mut done)
-                .map_err(|e| EngineError::ring("reap", e))?;
-            waiter.filter(links, &mut done)?;
-            for c in done.drain(..) {
-                busy = true;
-                let seq = c.tag;
-                let want = layout.block(seq).map_or(0, |b| b.len as usize);
-                // The read's buffer comes back with its completion, on every path.
-                let Some(buf) = c.bufs.into_single() else {
-                    return Err(EngineError::Internal("a read completed without its buffer"));
-                };
-                let s = buf.slot();
-                if bouncing {
-                    // The block's bytes go into the registered slot (no WRITE reads it yet).
-                    if matches!(c.result, Ok(got) if got == want) {
-                        meter.copy(slots.bytes_mut(s, want)?, buf.bytes());
-                    }
-                }
-                if let Some(h) = slots.give_back(buf) {
-                    bounce[s] = Some(h);
-                }
-                let res = match c.result {
-                    Ok(got) if got == want => Ok(if cfg.verify {
-                        crc32c(slots.bytes(s, got)?)
-                    } else {
-                        0
-                    }),
-                    Ok(got) => Err(Failure::Short {
-                        op: "read",
-                        got,
-                        want,
-                    }),
-                    Err(e) => Err(Failure::Lower(Box::new(e))),
-                };
-                core.on_read_done(seq, res, &mut out);
-            }
-            actions.extend(out.drain(..));
-            // RDMA completions and connection events.
-            for (r, (link, quiet)) in links.iter_mut().zip(quiet_since.iter_mut()).enumerate() {
-                if !link.alive {
-                    continue;
-                }
-                loop {
-                    let got = link
-                        .cq
-                        .poll(&mut wcs)
-                        .map_err(|e| EngineError::rdma("polling a completion queue", e))?;
-                    for wc in &wcs[..got] {
-                        busy = true;
-                        *quiet = Instant::now();
-                        if wc.status != WcStatus::Success {
-                            let why = Failure::Completion {
-                                opcode: wc.opcode,
-                                status: wc.status,
-                            };
-                            if wc.wr_id & WR_MASK == WR_WRITE {
-                                core.on_write_done(r, wc.wr_id & !WR_MASK, Err(why), &mut out);
-                            } else {
-                                core.on_replica_lost(r, why, &mut out);
-                            }
-                            continue;
-                        }
-                        match wc.wr_id & WR_MASK {
-                            WR_WRITE => {
-                                core.on_write_done(r, wc.wr_id & !WR_MASK, Ok(()), &mut out)
-                            }
-                            WR_RECV if wc.opcode == WcOpcode::Recv => {
-                                match link.take_recv(wc.wr_id) {
-                                    Ok(b) => {
-                                        let m = &b[..wc.byte_len.min(MSG_LEN as u32) as usize];
-                                        core.on_message(r, m, &mut out)
-                                    }
-                                    Err(e) => core.on_replica_lost(
-                                        r,
-                                        Failure::op("receiving a message", e),
-                                        &mut out,
-                                    ),
-                                }
-                            }
-                            _ => {}
-                        }
-                    }
-                    // Poll dry: in events mode no new event comes for what is already queued.
-                    if got < wcs.len().min(32) {
-                        break;
-                    }
-                }
-                if link.alive {
-                    if let Err(e) = link.conn.check() {
-                        core.on_replica_lost(r, Failure::op("connection", e), &mut out);
-                    }
-                }
-            }
-            // A replica that owes an answer (the core says which: acks, read-backs, a buffer it
-            // has room for) for longer than the timeout is failed alone; the others go on.
-            let now = Instant::now();
-            for (r, (link, quiet)) in links.iter().zip(quiet_since.iter_mut()).enumerate() {
-                if !link.alive || !core.is_alive(r) {
-                    continue;
-                }
-                if !core.awaits(r) {
-                    *quiet = now;
-                } else if now.duration_since(*quiet) > cfg.timeout {
-                    busy = true;
-                    let why = Failure::Stalled {
-                        timeout: cfg.timeout,
-                    };
-                    core.on_replica_lost(r, why, &mut out);
-                }
-            }
-            actions.extend(out.drain(..));
-            if busy {
-                last_progress = Instant::now();
-                waiter.busy();
-            } else if actions.is_empty() && !core.is_finished() {
-                // Nothing moved and no replica owes an answer (those are failed above, one by
-                // one): the source is stuck, and the run cannot finish. Reads held by the pacer
-                // are this side's choice, not a stall.
-                if last_progress.elapsed() > cfg.timeout && paced.is_empty() {
-                    for r in 0..n {
-                        let why = Failure::SourceStalled {
-                            timeout: cfg.timeout,
-                        };
-                        core.on_replica_lost(r, why, &mut out);
-                    }
-                    actions.extend(out.drain(..));
-                    if actions.is_empty() && !core.is_finished() {
-                        break;
-                    }
-                    continue;
-                }
-                let mut bound = wait_bound(
-                    last_progress.elapsed(),
-                    cfg.timeout,
-                    cfg.progress_every.min(Duration::from_secs(1)),
-                );
-                if !paced.is_empty() {
-                    bound = pacer
-                        .bound(Instant::now(), bound)
-                        .max(Duration::from_micros(50));
-                }
-                waiter.idle(links, &mut drive.ring, bound, &mut done)?;
-            }
-            if last_report.elapsed() >= cfg.progress_every {
-                last_report = Instant::now();
-                let (blocks, bytes) = core.ledger().replicated_blocks_bytes();
-                observe(Event::Progress {
-                    blocks,
-                    bytes,
-                    elapsed: t0.elapsed(),
-                });
-            }
-        }
+        let free = (0..self.slots.len()).rev().collect();
+        let mut role = PrimaryRole {
+            cfg,
+            layout,
+            slots: &mut self.slots,
+            bounce: &mut self.bounce,
+            meter: CopyMeter::new(),
+            core,
+            free,
+            slot_of: HashMap::new(),
+            actions: VecDeque::new(),
+            out: Vec::new(),
+            quiet_since: vec![Instant::now(); n],
+            pacer: Pacer::new(cfg.rate, t0),
+            paced: VecDeque::new(),
+            t0,
+            last_report: Instant::now(),
+            observe,
+        };
+        role.core.start(&mut role.out);
+        role.actions.extend(role.out.drain(..));
+        turn::run(&mut role, links, &mut self.drive, waiter)?;
         let elapsed = t0.elapsed();
         let cpu = cpu_time().saturating_sub(cpu0);
         Ok(PrimaryReport {
-            outcome: core.outcome(),
-            latency: core.latency().percentiles(),
+            outcome: role.core.outcome(),
+            latency: role.core.latency().percentiles(),
             elapsed,
             cpu,
-            payload_bytes_copied: meter.bytes(),
+            payload_bytes_copied: role.meter.bytes(),
             window: self.window,
             layout,
-            buffers: slots.info.clone(),
+            buffers: role.slots.info.clone(),
             copy: cfg.copy,
             wait: cfg.wait,
         })
+    }
+}
+
+/// The primary's handlers for the engine loop ([`turn::run`]) and the state they share.
+struct PrimaryRole<'a> {
+    cfg: &'a PrimaryConfig,
+    layout: Layout,
+    slots: &'a mut Slots,
+    /// Bounce mode: one host buffer per slot, `None` while a read owns it.
+    bounce: &'a mut Vec<Option<AlignedBuf>>,
+    meter: CopyMeter,
+    core: PrimaryCore,
+    /// Slots no block holds.
+    free: Vec<usize>,
+    /// The slot of each block between its read and its release.
+    slot_of: HashMap<u64, usize>,
+    /// The core's actions, carried out at the next turn.
+    actions: VecDeque<PrimaryAction>,
+    out: Vec<PrimaryAction>,
+    /// Per replica: since when it has owed us an answer (an ack, a buffer) without a word.
+    /// A replica that owes nothing is never stalled: with the shared window, a healthy
+    /// replica waiting behind a stalled one is quiet too, and must not be failed with it.
+    quiet_since: Vec<Instant>,
+    pacer: Pacer,
+    /// Reads the pacer holds back, in order; they go once it says they are due.
+    paced: VecDeque<PrimaryAction>,
+    t0: Instant,
+    last_report: Instant,
+    observe: &'a mut dyn FnMut(Event),
+}
+
+impl PrimaryRole<'_> {
+    /// Queues what the core answered.
+    fn take_out(&mut self) {
+        self.actions.extend(self.out.drain(..));
+    }
+
+    /// Carries out one action of the core.
+    fn carry_out(
+        &mut self,
+        a: PrimaryAction,
+        links: &mut [Link],
+        drive: &mut Drive,
+    ) -> Result<(), EngineError> {
+        let core = &mut self.core;
+        let out = &mut self.out;
+        match a {
+            PrimaryAction::Send { replica, msg } => {
+                if links[replica].alive {
+                    links[replica].queue_msg(&msg);
+                }
+            }
+            PrimaryAction::Read { seq, offset, len } => {
+                let s = self
+                    .free
+                    .pop()
+                    .ok_or(EngineError::Internal("no free slot within the window"))?;
+                self.slot_of.insert(seq, s);
+                let buf = if self.cfg.copy == CopyMode::Bounce {
+                    let h = self.bounce[s]
+                        .take()
+                        .ok_or(EngineError::Internal("a bounce buffer lent twice"))?;
+                    DriveBuf::host(s, h, len as usize)
+                } else {
+                    self.slots.take(s, len as usize)?
+                };
+                if let Err(rej) = drive.ring.read(drive.t, offset, buf, seq) {
+                    let why = Failure::op("submitting the read", rej.error);
+                    if let Some(b) = rej.bufs.into_single() {
+                        if let Some(h) = self.slots.give_back(b) {
+                            self.bounce[s] = Some(h);
+                        }
+                    }
+                    core.on_read_done(seq, Err(why), out);
+                }
+            }
+            PrimaryAction::Write {
+                replica,
+                seq,
+                remote,
+            } => {
+                let s = *self
+                    .slot_of
+                    .get(&seq)
+                    .ok_or(EngineError::Internal("write of a block without a slot"))?;
+                let (chunk, at) = self.slots.chunk_of(s);
+                let link = &links[replica];
+                let mr = link
+                    .mrs
+                    .get(&chunk)
+                    .ok_or(EngineError::Internal("slot chunk not registered"))?;
+                // Queued: posted with the BlockSent the core asks for next, in one chain (RC
+                // keeps them in order on the QP).
+                match mr.sge(at, remote.len as usize) {
+                    Ok(sge) => link.queue(SendRequest::new(
+                        WR_WRITE | seq,
+                        SendOp::Write(rdma::RemoteBuf {
+                            addr: remote.addr,
+                            len: remote.len,
+                            rkey: remote.rkey,
+                        }),
+                        vec![sge],
+                    )),
+                    Err(e) => {
+                        let why = Failure::op("describing the write's source", e);
+                        core.on_write_done(replica, seq, Err(why), out)
+                    }
+                }
+            }
+            PrimaryAction::Release { seq } => {
+                if let Some(s) = self.slot_of.remove(&seq) {
+                    self.free.push(s);
+                }
+            }
+            PrimaryAction::Disconnect { replica } => {
+                let link = &mut links[replica];
+                if link.alive {
+                    // What was queued before (a Fin) leaves first.
+                    let _ = link.flush();
+                    link.alive = false;
+                    let _ = link.conn.disconnect(Duration::from_millis(500));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Role for PrimaryRole<'_> {
+    fn finished(&self) -> bool {
+        self.core.is_finished()
+    }
+
+    fn act(&mut self, links: &mut [Link], drive: &mut Drive) -> Result<bool, EngineError> {
+        let mut busy = false;
+        if !self.paced.is_empty() && self.pacer.due(Instant::now()) {
+            self.actions.extend(self.paced.drain(..));
+        }
+        while let Some(a) = self.actions.pop_front() {
+            if let PrimaryAction::Read { len, .. } = a {
+                if !self.paced.is_empty() || !self.pacer.admit(u64::from(len), Instant::now()) {
+                    self.paced.push_back(a);
+                    continue;
+                }
+            }
+            busy = true;
+            self.carry_out(a, links, drive)?;
+            self.take_out();
+        }
+        Ok(busy)
+    }
+
+    fn has_actions(&self) -> bool {
+        !self.actions.is_empty()
+    }
+
+    fn post_failed(&mut self, r: usize, e: rdma::Error) -> Result<(), EngineError> {
+        let why = Failure::op("posting work requests", e);
+        self.core.on_replica_lost(r, why, &mut self.out);
+        self.take_out();
+        Ok(())
+    }
+
+    fn on_completion(
+        &mut self,
+        r: usize,
+        wc: &WorkCompletion,
+        links: &mut [Link],
+        _drive: &mut Drive,
+    ) -> Result<Next, EngineError> {
+        self.quiet_since[r] = Instant::now();
+        let core = &mut self.core;
+        let out = &mut self.out;
+        if wc.status != WcStatus::Success {
+            let why = Failure::Completion {
+                opcode: wc.opcode,
+                status: wc.status,
+            };
+            if wc.wr_id & WR_MASK == WR_WRITE {
+                core.on_write_done(r, wc.wr_id & !WR_MASK, Err(why), out);
+            } else {
+                core.on_replica_lost(r, why, out);
+            }
+        } else {
+            match wc.wr_id & WR_MASK {
+                WR_WRITE => core.on_write_done(r, wc.wr_id & !WR_MASK, Ok(()), out),
+                WR_RECV if wc.opcode == WcOpcode::Recv => match links[r].take_recv(wc.wr_id) {
+                    Ok(b) => {
+                        let m = &b[..wc.byte_len.min(MSG_LEN as u32) as usize];
+                        core.on_message(r, m, out)
+                    }
+                    Err(e) => core.on_replica_lost(r, Failure::op("receiving a message", e), out),
+                },
+                _ => {}
+            }
+        }
+        self.take_out();
+        Ok(Next::Go)
+    }
+
+    fn on_drive(&mut self, c: Completion<DriveBuf>, _drive: &mut Drive) -> Result<(), EngineError> {
+        // Source reads.
+        let seq = c.tag;
+        let want = self.layout.block(seq).map_or(0, |b| b.len as usize);
+        // The read's buffer comes back with its completion, on every path.
+        let Some(buf) = c.bufs.into_single() else {
+            return Err(EngineError::Internal("a read completed without its buffer"));
+        };
+        let s = buf.slot();
+        if self.cfg.copy == CopyMode::Bounce {
+            // The block's bytes go into the registered slot (no WRITE reads it yet).
+            if matches!(c.result, Ok(got) if got == want) {
+                self.meter.copy(self.slots.bytes_mut(s, want)?, buf.bytes());
+            }
+        }
+        if let Some(h) = self.slots.give_back(buf) {
+            self.bounce[s] = Some(h);
+        }
+        let res = match c.result {
+            Ok(got) if got == want => Ok(if self.cfg.verify {
+                crc32c(self.slots.bytes(s, got)?)
+            } else {
+                0
+            }),
+            Ok(got) => Err(Failure::Short {
+                op: "read",
+                got,
+                want,
+            }),
+            Err(e) => Err(Failure::Lower(Box::new(e))),
+        };
+        self.core.on_read_done(seq, res, &mut self.out);
+        self.take_out();
+        Ok(())
+    }
+
+    fn after_events(
+        &mut self,
+        links: &mut [Link],
+        _drive: &mut Drive,
+        busy: &mut bool,
+    ) -> Result<Next, EngineError> {
+        for (r, link) in links.iter().enumerate() {
+            if link.alive {
+                if let Err(e) = link.conn.check() {
+                    self.core
+                        .on_replica_lost(r, Failure::op("connection", e), &mut self.out);
+                }
+            }
+        }
+        // A replica that owes an answer (the core says which: acks, read-backs, a buffer it
+        // has room for) for longer than the timeout is failed alone; the others go on.
+        let now = Instant::now();
+        for (r, (link, quiet)) in links.iter().zip(self.quiet_since.iter_mut()).enumerate() {
+            if !link.alive || !self.core.is_alive(r) {
+                continue;
+            }
+            if !self.core.awaits(r) {
+                *quiet = now;
+            } else if now.duration_since(*quiet) > self.cfg.timeout {
+                *busy = true;
+                let why = Failure::Stalled {
+                    timeout: self.cfg.timeout,
+                };
+                self.core.on_replica_lost(r, why, &mut self.out);
+            }
+        }
+        self.take_out();
+        Ok(Next::Go)
+    }
+
+    fn idle(&mut self, since_progress: Duration) -> Result<Idle, EngineError> {
+        let cfg = self.cfg;
+        // Nothing moved and no replica owes an answer (those are failed above, one by one):
+        // the source is stuck, and the run cannot finish. Reads held by the pacer are this
+        // side's choice, not a stall.
+        if since_progress > cfg.timeout && self.paced.is_empty() {
+            for r in 0..self.quiet_since.len() {
+                let why = Failure::SourceStalled {
+                    timeout: cfg.timeout,
+                };
+                self.core.on_replica_lost(r, why, &mut self.out);
+            }
+            self.take_out();
+            if self.actions.is_empty() && !self.core.is_finished() {
+                return Ok(Idle::Stop);
+            }
+            return Ok(Idle::Again);
+        }
+        let mut bound = wait_bound(
+            since_progress,
+            cfg.timeout,
+            cfg.progress_every.min(Duration::from_secs(1)),
+        );
+        if !self.paced.is_empty() {
+            bound = self
+                .pacer
+                .bound(Instant::now(), bound)
+                .max(Duration::from_micros(50));
+        }
+        Ok(Idle::Wait(bound))
+    }
+
+    fn end_of_turn(&mut self) {
+        if self.last_report.elapsed() >= self.cfg.progress_every {
+            self.last_report = Instant::now();
+            let (blocks, bytes) = self.core.ledger().replicated_blocks_bytes();
+            (self.observe)(Event::Progress {
+                blocks,
+                bytes,
+                elapsed: self.t0.elapsed(),
+            });
+        }
     }
 }

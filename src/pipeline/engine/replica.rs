@@ -8,16 +8,18 @@ use std::time::{Duration, Instant};
 use crate::pipeline::{crc32c, CopyMeter, ReplicaAction, ReplicaCore};
 use crate::protocol::{Message, ProtocolError, ReplicaTarget, Status, MSG_LEN};
 use crate::rdma::{
-    self, Listener, MemoryWindow, SendOp, SendRequest, WcOpcode, WcStatus, WindowAccess,
+    self, Completion as WorkCompletion, Listener, MemoryWindow, SendOp, SendRequest, WcOpcode,
+    WcStatus, WindowAccess,
 };
 
 use super::auth::Verdict;
 use super::drive::{Backend, Drive, WriteCache};
 use super::link::{Link, WR_BIND, WR_INV, WR_MASK, WR_RECV};
 use super::slots::{BufferInfo, DriveBuf, Slots};
+use super::turn::{self, Idle, Next, Role};
 use super::wait::Waiter;
 use super::{cpu_time, wait_bound, CopyMode, EngineError, Event, ReplicaConfig};
-use crate::uring::AlignedBuf;
+use crate::uring::{AlignedBuf, Completion};
 
 /// How a replica's run ended (both are orderly ends; errors are [`EngineError`]s).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -209,17 +211,12 @@ impl ReplicaEngine {
     ) -> Result<ReplicaReport, EngineError> {
         let cfg = &self.cfg;
         let drive = &mut self.drive;
-        let slots = &mut self.slots;
-        let bounce = &mut self.bounce;
-        let block_max = cfg.block_size;
-        let flush = drive.cache.volatile;
-        let meter = CopyMeter::new();
         // The hello is checked against this target's real size, LBA size and buffers.
-        let mut core = ReplicaCore::with_target(ReplicaTarget::new(
+        let core = ReplicaCore::with_target(ReplicaTarget::new(
             drive.capacity,
             drive.lba,
-            slots.len() as u32,
-            block_max as u32,
+            self.slots.len() as u32,
+            cfg.block_size as u32,
         ));
         let allowed = {
             let (off, len) = cfg.bounds;
@@ -228,319 +225,395 @@ impl ReplicaEngine {
             });
             (off, end)
         };
-        let mut out = Vec::new();
-        let mut actions: VecDeque<ReplicaAction> = VecDeque::new();
-        let mut pending_write: HashMap<usize, (u64, u64, u32)> = HashMap::new();
-        let mut ios: HashMap<u64, Io> = HashMap::new();
-        let mut next_tag = 1u64;
-        let mut unflushed: Vec<(u64, Status)> = Vec::new();
-        let mut flushing: Option<Vec<(u64, Status)>> = None;
-        let mut wcs = vec![rdma::EMPTY_COMPLETION; 64];
-        let mut done = Vec::new();
-        let mut end = ReplicaEnd::Fin;
-        let mut fin_sent_at: Option<Instant> = None;
-        let mut last_progress = Instant::now();
         let cpu0 = cpu_time();
-        'run: loop {
-            let link = &links[0];
-            let mut busy = false;
-            while let Some(a) = actions.pop_front() {
-                busy = true;
-                match a {
-                    ReplicaAction::Send(m) => {
-                        link.queue_msg(&m);
-                        if matches!(m, Message::Fin { .. }) {
-                            fin_sent_at = Some(Instant::now());
-                        }
-                    }
-                    ReplicaAction::Advertise { slot, seq, len } => {
-                        if u64::from(len) > block_max {
-                            let m = Message::Abort {
-                                status: Status::Refused(1),
-                                seq,
-                            };
-                            let _ = link.send(&m);
-                            return Err(EngineError::BlockTooLarge {
-                                got: len,
-                                max: block_max,
-                            });
-                        }
-                        let (chunk, at) = slots.chunk_of(slot);
-                        let mr = link
-                            .mrs
-                            .get(&chunk)
-                            .ok_or(EngineError::Internal("slot chunk not registered"))?;
-                        let bind = SendRequest::bind_window(
-                            WR_BIND | slot as u64,
-                            &mws[slot],
-                            mr,
-                            at as u64,
-                            u64::from(len),
-                            WindowAccess::none().remote_write(),
-                        )
-                        .unsignaled();
-                        // Posted in one chain with the bind, so name the key it will set.
-                        let rkey = mws[slot].next_bind_rkey();
-                        link.queue(bind);
-                        link.queue_msg(&Message::BufferReady {
-                            seq,
-                            addr: slots.remote_addr(slot),
-                            rkey,
-                            len,
-                        });
-                    }
-                    ReplicaAction::Write {
-                        slot,
-                        seq,
-                        offset,
-                        len,
-                    } => {
-                        // Revoke the window before the drive reads the buffer.
-                        pending_write.insert(slot, (seq, offset, len));
-                        link.queue(SendRequest::new(
-                            WR_INV | slot as u64,
-                            SendOp::LocalInv(mws[slot].rkey()),
-                            Vec::new(),
-                        ));
-                    }
-                    ReplicaAction::ReadBack { seq, offset, len } => {
-                        let buf =
-                            DriveBuf::host(READ_BACK, AlignedBuf::new(len as usize), len as usize);
-                        let tag = next_tag;
-                        next_tag += 1;
-                        match drive.ring.read(drive.t, offset, buf, tag) {
-                            Ok(()) => {
-                                ios.insert(tag, Io::ReadBack { seq, len });
-                            }
-                            Err(rej) => {
-                                let st = status_of(&rej.error);
-                                core.on_readback_done(seq, len, 0, st, &mut out);
-                            }
-                        }
-                    }
-                }
-                actions.extend(out.drain(..));
-            }
-            // One doorbell for everything this round queued (binds with their BufferReady,
-            // invalidations, acks).
-            link.flush()
-                .map_err(|e| EngineError::rdma("posting work requests", e))?;
-            // RDMA completions, polled dry.
-            loop {
-                let got = link
-                    .cq
-                    .poll(&mut wcs)
-                    .map_err(|e| EngineError::rdma("polling the completion queue", e))?;
-                for wc in &wcs[..got] {
-                    busy = true;
-                    if wc.status != WcStatus::Success {
-                        if core.is_finished() {
-                            break 'run;
-                        }
-                        end = ReplicaEnd::PrimaryGone(format!(
-                            "{:?} completion failed ({:?}) before fin: the primary went away",
-                            wc.opcode, wc.status
-                        ));
-                        break 'run;
-                    }
-                    match wc.wr_id & WR_MASK {
-                        WR_RECV if wc.opcode == WcOpcode::Recv => {
-                            let b = link
-                                .take_recv(wc.wr_id)
-                                .map_err(|e| EngineError::rdma("receiving a message", e))?;
-                            let bytes = &b[..wc.byte_len.min(MSG_LEN as u32) as usize];
-                            let had_layout = core.layout().is_some();
-                            let res = core.on_message(bytes, &mut out);
-                            if let (Ok(()), false, Some(l)) = (&res, had_layout, core.layout()) {
-                                // The hello: its range must lie within what this replica
-                                // accepts. Nothing it asked for has been done yet.
-                                let (start, end) = (l.offset(), l.offset() + l.len());
-                                let (a, b) = allowed;
-                                if start < a || end > b {
-                                    out.clear();
-                                    let m = Message::Abort {
-                                        status: Status::Refused(2),
-                                        seq: 0,
-                                    };
-                                    let _ = link.send(&m);
-                                    std::thread::sleep(Duration::from_millis(100));
-                                    let _ = link.conn.disconnect(Duration::from_millis(500));
-                                    return Err(EngineError::RangeRefused {
-                                        start,
-                                        end,
-                                        allowed_start: a,
-                                        allowed_end: b,
-                                    });
-                                }
-                            }
-                            if let Err(e) = res {
-                                if !matches!(e, ProtocolError::PeerAborted { .. }) {
-                                    let _ = link.send(&ReplicaCore::abort_for(&e));
-                                }
-                                // Let the abort leave before hanging up.
-                                std::thread::sleep(Duration::from_millis(100));
-                                let _ = link.conn.disconnect(Duration::from_millis(500));
-                                return Err(EngineError::Protocol(e));
-                            }
-                        }
-                        WR_INV => {
-                            let slot = (wc.wr_id & !WR_MASK) as usize;
-                            let (seq, offset, len) = pending_write
-                                .remove(&slot)
-                                .ok_or(EngineError::Internal("invalidation without a write"))?;
-                            // The window over the slot was just invalidated; the slot is not
-                            // re-advertised before this block is acked.
-                            let buf = if cfg.copy == CopyMode::Bounce {
-                                let mut h = bounce[slot]
-                                    .take()
-                                    .ok_or(EngineError::Internal("a bounce buffer lent twice"))?;
-                                meter.copy(
-                                    &mut h.as_mut_slice()[..len as usize],
-                                    slots.bytes(slot, len as usize)?,
-                                );
-                                DriveBuf::host(slot, h, len as usize)
-                            } else {
-                                slots.take(slot, len as usize)?
-                            };
-                            let tag = next_tag;
-                            next_tag += 1;
-                            match drive.ring.write(drive.t, offset, buf, tag) {
-                                Ok(()) => {
-                                    ios.insert(tag, Io::Write { seq, len });
-                                }
-                                Err(rej) => {
-                                    if let Some(h) =
-                                        rej.bufs.into_single().and_then(|b| slots.give_back(b))
-                                    {
-                                        bounce[slot] = Some(h);
-                                    }
-                                    let st = status_of(&rej.error);
-                                    core.on_write_done(seq, st, &mut out).map_err(|_| {
-                                        EngineError::Internal("write result for an unknown block")
-                                    })?;
-                                }
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-                if got < wcs.len().min(32) {
-                    break;
-                }
-            }
-            actions.extend(out.drain(..));
-            // Drive completions: writes are acked only after a flush that started after them
-            // (when the drive has a volatile write cache).
-            drive
-                .ring
-                .reap(&mut done)
-                .map_err(|e| EngineError::ring("reap", e))?;
-            waiter.filter(links, &mut done)?;
-            let link = &links[0];
-            for c in done.drain(..) {
-                busy = true;
-                // The buffer comes back with its completion: to its slot, its bounce place,
-                // or (a read-back) to be checked and freed.
-                let mut read_back = None;
-                if let Some(b) = c.bufs.into_single() {
-                    let slot = b.slot();
-                    if slot == READ_BACK {
-                        read_back = Some(b);
-                    } else if let Some(h) = slots.give_back(b) {
-                        bounce[slot] = Some(h);
-                    }
-                }
-                let io = ios.remove(&c.tag);
-                // A short transfer fails the block: only the whole block counts.
-                let want = match &io {
-                    Some(Io::Write { len, .. } | Io::ReadBack { len, .. }) => Some(*len as usize),
-                    _ => None,
-                };
-                let status = match &c.result {
-                    Ok(got) if want.is_some_and(|w| *got != w) => Status::Errno(libc::EIO as u16),
-                    Ok(_) => Status::Ok,
-                    Err(e) => status_of(e),
-                };
-                match io {
-                    Some(Io::Write { seq, .. }) if flush => unflushed.push((seq, status)),
-                    Some(Io::Write { seq, .. }) => core
-                        .on_write_done(seq, status, &mut out)
-                        .map_err(|_| EngineError::Internal("write result for an unknown block"))?,
-                    Some(Io::Flush) => {
-                        for (seq, st) in flushing.take().unwrap_or_default() {
-                            let st = if st.is_ok() { status } else { st };
-                            core.on_write_done(seq, st, &mut out).map_err(|_| {
-                                EngineError::Internal("write result for an unknown block")
-                            })?;
-                        }
-                    }
-                    Some(Io::ReadBack { seq, len }) => {
-                        let crc = match (&read_back, status.is_ok()) {
-                            (Some(b), true) => crc32c(b.bytes()),
-                            _ => 0,
-                        };
-                        core.on_readback_done(seq, len, crc, status, &mut out);
-                    }
-                    None => {}
-                }
-            }
-            if flushing.is_none() && !unflushed.is_empty() {
-                let tag = next_tag;
-                next_tag += 1;
-                drive
-                    .ring
-                    .flush(drive.t, tag)
-                    .map_err(|e| EngineError::ring("flush", e))?;
-                ios.insert(tag, Io::Flush);
-                flushing = Some(std::mem::take(&mut unflushed));
-            }
-            actions.extend(out.drain(..));
-            if let Err(e) = link.conn.check() {
-                if !core.is_finished() {
-                    end = ReplicaEnd::PrimaryGone(format!("connection ended before fin: {e}"));
-                }
-                break;
-            }
-            if let Some(t) = fin_sent_at {
-                // Give the fin time to leave, then hang up.
-                if t.elapsed() > Duration::from_millis(200) || link.conn.is_disconnected() {
-                    break;
-                }
-            }
-            if busy {
-                waiter.busy();
-                last_progress = Instant::now();
-            } else if actions.is_empty() {
-                if core.layout().is_none() && last_progress.elapsed() > cfg.timeout {
-                    return Err(EngineError::NoHello(cfg.timeout));
-                }
-                // A link that went down delivers no event to a replica that has nothing to
-                // send: silence from the primary for the timeout mid-run means it is gone.
-                if !core.is_finished() && last_progress.elapsed() > cfg.timeout {
-                    end = ReplicaEnd::PrimaryGone(format!(
-                        "nothing from the primary for {:?} before fin: the primary or the link went away",
-                        cfg.timeout
-                    ));
-                    break;
-                }
-                let cap = if fin_sent_at.is_some() {
-                    Duration::from_millis(20)
-                } else {
-                    Duration::from_secs(1)
-                };
-                let bound = wait_bound(last_progress.elapsed(), cfg.timeout, cap);
-                waiter.idle(links, &mut drive.ring, bound, &mut done)?;
-            }
-        }
-        let (blocks_written, bytes_written) = core.written();
+        let mut role = ReplicaRole {
+            cfg,
+            mws,
+            slots: &mut self.slots,
+            bounce: &mut self.bounce,
+            flush: drive.cache.volatile,
+            allowed,
+            meter: CopyMeter::new(),
+            core,
+            out: Vec::new(),
+            actions: VecDeque::new(),
+            pending_write: HashMap::new(),
+            ios: HashMap::new(),
+            next_tag: 1,
+            unflushed: Vec::new(),
+            flushing: None,
+            end: ReplicaEnd::Fin,
+            fin_sent_at: None,
+        };
+        turn::run(&mut role, links, drive, waiter)?;
+        let (blocks_written, bytes_written) = role.core.written();
         Ok(ReplicaReport {
-            end,
+            end: role.end,
             blocks_written,
             bytes_written,
-            failed_blocks: core.failed_blocks(),
-            payload_bytes_copied: meter.bytes(),
+            failed_blocks: role.core.failed_blocks(),
+            payload_bytes_copied: role.meter.bytes(),
             cpu: cpu_time().saturating_sub(cpu0),
         })
+    }
+}
+
+/// A replica's handlers for the engine loop ([`turn::run`]) and the state they share.
+struct ReplicaRole<'a> {
+    cfg: &'a ReplicaConfig,
+    mws: &'a [MemoryWindow],
+    slots: &'a mut Slots,
+    /// Bounce mode: one host buffer per slot, `None` while a write owns it.
+    bounce: &'a mut Vec<Option<AlignedBuf>>,
+    /// The drive caches writes: ack only after a flush that started after the write.
+    flush: bool,
+    /// The byte range this replica accepts (`--offset` / `--len`, within the target).
+    allowed: (u64, u64),
+    meter: CopyMeter,
+    core: ReplicaCore,
+    out: Vec<ReplicaAction>,
+    /// The core's actions, carried out at the next turn.
+    actions: VecDeque<ReplicaAction>,
+    /// Per slot: the block whose window is being invalidated before its drive write.
+    pending_write: HashMap<usize, (u64, u64, u32)>,
+    /// Drive operations in flight, by tag.
+    ios: HashMap<u64, Io>,
+    next_tag: u64,
+    /// Writes done and waiting for the next flush.
+    unflushed: Vec<(u64, Status)>,
+    /// Writes the flush in flight covers.
+    flushing: Option<Vec<(u64, Status)>>,
+    end: ReplicaEnd,
+    fin_sent_at: Option<Instant>,
+}
+
+impl ReplicaRole<'_> {
+    /// Queues what the core answered.
+    fn take_out(&mut self) {
+        self.actions.extend(self.out.drain(..));
+    }
+
+    fn tag(&mut self) -> u64 {
+        let t = self.next_tag;
+        self.next_tag += 1;
+        t
+    }
+
+    fn write_done(&mut self, seq: u64, status: Status) -> Result<(), EngineError> {
+        self.core
+            .on_write_done(seq, status, &mut self.out)
+            .map_err(|_| EngineError::Internal("write result for an unknown block"))
+    }
+
+    /// Carries out one action of the core.
+    fn carry_out(
+        &mut self,
+        a: ReplicaAction,
+        link: &Link,
+        drive: &mut Drive,
+    ) -> Result<(), EngineError> {
+        let block_max = self.cfg.block_size;
+        match a {
+            ReplicaAction::Send(m) => {
+                link.queue_msg(&m);
+                if matches!(m, Message::Fin { .. }) {
+                    self.fin_sent_at = Some(Instant::now());
+                }
+            }
+            ReplicaAction::Advertise { slot, seq, len } => {
+                if u64::from(len) > block_max {
+                    let m = Message::Abort {
+                        status: Status::Refused(1),
+                        seq,
+                    };
+                    let _ = link.send(&m);
+                    return Err(EngineError::BlockTooLarge {
+                        got: len,
+                        max: block_max,
+                    });
+                }
+                let (chunk, at) = self.slots.chunk_of(slot);
+                let mr = link
+                    .mrs
+                    .get(&chunk)
+                    .ok_or(EngineError::Internal("slot chunk not registered"))?;
+                let mw = &self.mws[slot];
+                let bind = SendRequest::bind_window(
+                    WR_BIND | slot as u64,
+                    mw,
+                    mr,
+                    at as u64,
+                    u64::from(len),
+                    WindowAccess::none().remote_write(),
+                )
+                .unsignaled();
+                // Posted in one chain with the bind, so name the key it will set.
+                let rkey = mw.next_bind_rkey();
+                link.queue(bind);
+                link.queue_msg(&Message::BufferReady {
+                    seq,
+                    addr: self.slots.remote_addr(slot),
+                    rkey,
+                    len,
+                });
+            }
+            ReplicaAction::Write {
+                slot,
+                seq,
+                offset,
+                len,
+            } => {
+                // Revoke the window before the drive reads the buffer.
+                self.pending_write.insert(slot, (seq, offset, len));
+                link.queue(SendRequest::new(
+                    WR_INV | slot as u64,
+                    SendOp::LocalInv(self.mws[slot].rkey()),
+                    Vec::new(),
+                ));
+            }
+            ReplicaAction::ReadBack { seq, offset, len } => {
+                let buf = DriveBuf::host(READ_BACK, AlignedBuf::new(len as usize), len as usize);
+                let tag = self.tag();
+                match drive.ring.read(drive.t, offset, buf, tag) {
+                    Ok(()) => {
+                        self.ios.insert(tag, Io::ReadBack { seq, len });
+                    }
+                    Err(rej) => {
+                        let st = status_of(&rej.error);
+                        self.core.on_readback_done(seq, len, 0, st, &mut self.out);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A message from the primary.
+    fn on_message(&mut self, link: &Link, bytes: &[u8]) -> Result<(), EngineError> {
+        let had_layout = self.core.layout().is_some();
+        let res = self.core.on_message(bytes, &mut self.out);
+        if let (Ok(()), false, Some(l)) = (&res, had_layout, self.core.layout()) {
+            // The hello: its range must lie within what this replica accepts. Nothing it
+            // asked for has been done yet.
+            let (start, end) = (l.offset(), l.offset() + l.len());
+            let (a, b) = self.allowed;
+            if start < a || end > b {
+                self.out.clear();
+                let m = Message::Abort {
+                    status: Status::Refused(2),
+                    seq: 0,
+                };
+                let _ = link.send(&m);
+                std::thread::sleep(Duration::from_millis(100));
+                let _ = link.conn.disconnect(Duration::from_millis(500));
+                return Err(EngineError::RangeRefused {
+                    start,
+                    end,
+                    allowed_start: a,
+                    allowed_end: b,
+                });
+            }
+        }
+        if let Err(e) = res {
+            if !matches!(e, ProtocolError::PeerAborted { .. }) {
+                let _ = link.send(&ReplicaCore::abort_for(&e));
+            }
+            // Let the abort leave before hanging up.
+            std::thread::sleep(Duration::from_millis(100));
+            let _ = link.conn.disconnect(Duration::from_millis(500));
+            return Err(EngineError::Protocol(e));
+        }
+        Ok(())
+    }
+
+    /// The window over `slot` was invalidated: write its block to the drive.
+    fn invalidated(&mut self, slot: usize, drive: &mut Drive) -> Result<(), EngineError> {
+        let (seq, offset, len) = self
+            .pending_write
+            .remove(&slot)
+            .ok_or(EngineError::Internal("invalidation without a write"))?;
+        // The window over the slot was just invalidated; the slot is not re-advertised
+        // before this block is acked.
+        let buf = if self.cfg.copy == CopyMode::Bounce {
+            let mut h = self.bounce[slot]
+                .take()
+                .ok_or(EngineError::Internal("a bounce buffer lent twice"))?;
+            self.meter.copy(
+                &mut h.as_mut_slice()[..len as usize],
+                self.slots.bytes(slot, len as usize)?,
+            );
+            DriveBuf::host(slot, h, len as usize)
+        } else {
+            self.slots.take(slot, len as usize)?
+        };
+        let tag = self.tag();
+        match drive.ring.write(drive.t, offset, buf, tag) {
+            Ok(()) => {
+                self.ios.insert(tag, Io::Write { seq, len });
+            }
+            Err(rej) => {
+                if let Some(h) = rej.bufs.into_single().and_then(|b| self.slots.give_back(b)) {
+                    self.bounce[slot] = Some(h);
+                }
+                self.write_done(seq, status_of(&rej.error))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Role for ReplicaRole<'_> {
+    fn finished(&self) -> bool {
+        // The run ends by the handlers' verdict (fin sent and gone, the primary gone).
+        false
+    }
+
+    fn act(&mut self, links: &mut [Link], drive: &mut Drive) -> Result<bool, EngineError> {
+        let mut busy = false;
+        while let Some(a) = self.actions.pop_front() {
+            busy = true;
+            self.carry_out(a, &links[0], drive)?;
+            self.take_out();
+        }
+        Ok(busy)
+    }
+
+    fn has_actions(&self) -> bool {
+        !self.actions.is_empty()
+    }
+
+    fn post_failed(&mut self, _r: usize, e: rdma::Error) -> Result<(), EngineError> {
+        Err(EngineError::rdma("posting work requests", e))
+    }
+
+    fn on_completion(
+        &mut self,
+        r: usize,
+        wc: &WorkCompletion,
+        links: &mut [Link],
+        drive: &mut Drive,
+    ) -> Result<Next, EngineError> {
+        if wc.status != WcStatus::Success {
+            if !self.core.is_finished() {
+                self.end = ReplicaEnd::PrimaryGone(format!(
+                    "{:?} completion failed ({:?}) before fin: the primary went away",
+                    wc.opcode, wc.status
+                ));
+            }
+            return Ok(Next::Stop);
+        }
+        let link = &links[r];
+        match wc.wr_id & WR_MASK {
+            WR_RECV if wc.opcode == WcOpcode::Recv => {
+                let b = link
+                    .take_recv(wc.wr_id)
+                    .map_err(|e| EngineError::rdma("receiving a message", e))?;
+                self.on_message(link, &b[..wc.byte_len.min(MSG_LEN as u32) as usize])?;
+            }
+            WR_INV => self.invalidated((wc.wr_id & !WR_MASK) as usize, drive)?,
+            _ => {}
+        }
+        self.take_out();
+        Ok(Next::Go)
+    }
+
+    fn on_drive(&mut self, c: Completion<DriveBuf>, _drive: &mut Drive) -> Result<(), EngineError> {
+        // Writes are acked only after a flush that started after them (when the drive has a
+        // volatile write cache). The buffer comes back with its completion: to its slot, its
+        // bounce place, or (a read-back) to be checked and freed.
+        let mut read_back = None;
+        if let Some(b) = c.bufs.into_single() {
+            let slot = b.slot();
+            if slot == READ_BACK {
+                read_back = Some(b);
+            } else if let Some(h) = self.slots.give_back(b) {
+                self.bounce[slot] = Some(h);
+            }
+        }
+        let io = self.ios.remove(&c.tag);
+        // A short transfer fails the block: only the whole block counts.
+        let want = match &io {
+            Some(Io::Write { len, .. } | Io::ReadBack { len, .. }) => Some(*len as usize),
+            _ => None,
+        };
+        let status = match &c.result {
+            Ok(got) if want.is_some_and(|w| *got != w) => Status::Errno(libc::EIO as u16),
+            Ok(_) => Status::Ok,
+            Err(e) => status_of(e),
+        };
+        match io {
+            Some(Io::Write { seq, .. }) if self.flush => self.unflushed.push((seq, status)),
+            Some(Io::Write { seq, .. }) => self.write_done(seq, status)?,
+            Some(Io::Flush) => {
+                for (seq, st) in self.flushing.take().unwrap_or_default() {
+                    let st = if st.is_ok() { status } else { st };
+                    self.write_done(seq, st)?;
+                }
+            }
+            Some(Io::ReadBack { seq, len }) => {
+                let crc = match (&read_back, status.is_ok()) {
+                    (Some(b), true) => crc32c(b.bytes()),
+                    _ => 0,
+                };
+                self.core
+                    .on_readback_done(seq, len, crc, status, &mut self.out);
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    fn after_events(
+        &mut self,
+        links: &mut [Link],
+        drive: &mut Drive,
+        _busy: &mut bool,
+    ) -> Result<Next, EngineError> {
+        if self.flushing.is_none() && !self.unflushed.is_empty() {
+            let tag = self.tag();
+            drive
+                .ring
+                .flush(drive.t, tag)
+                .map_err(|e| EngineError::ring("flush", e))?;
+            self.ios.insert(tag, Io::Flush);
+            self.flushing = Some(std::mem::take(&mut self.unflushed));
+        }
+        self.take_out();
+        let link = &links[0];
+        if let Err(e) = link.conn.check() {
+            if !self.core.is_finished() {
+                self.end = ReplicaEnd::PrimaryGone(format!("connection ended before fin: {e}"));
+            }
+            return Ok(Next::Stop);
+        }
+        if let Some(t) = self.fin_sent_at {
+            // Give the fin time to leave, then hang up.
+            if t.elapsed() > Duration::from_millis(200) || link.conn.is_disconnected() {
+                return Ok(Next::Stop);
+            }
+        }
+        Ok(Next::Go)
+    }
+
+    fn idle(&mut self, since_progress: Duration) -> Result<Idle, EngineError> {
+        let timeout = self.cfg.timeout;
+        if self.core.layout().is_none() && since_progress > timeout {
+            return Err(EngineError::NoHello(timeout));
+        }
+        // A link that went down delivers no event to a replica that has nothing to send:
+        // silence from the primary for the timeout mid-run means it is gone.
+        if !self.core.is_finished() && since_progress > timeout {
+            self.end = ReplicaEnd::PrimaryGone(format!(
+                "nothing from the primary for {timeout:?} before fin: the primary or the link went away"
+            ));
+            return Ok(Idle::Stop);
+        }
+        let cap = if self.fin_sent_at.is_some() {
+            Duration::from_millis(20)
+        } else {
+            Duration::from_secs(1)
+        };
+        Ok(Idle::Wait(wait_bound(since_progress, timeout, cap)))
     }
 }
 
