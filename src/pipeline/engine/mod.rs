@@ -12,6 +12,8 @@
 //!
 //! The stages, the window, the completion ordering rules and the failure semantics are the
 //! ones documented in [`crate::pipeline`]; the engines only execute the cores' actions.
+//! Both run the same loop (`turn.rs`: actions, doorbells, RDMA completions, drive
+//! completions, timers, wait); `primary.rs` and `replica.rs` hold each role's handlers.
 //!
 //! ```no_run
 //! use peerpipe::pipeline::engine::{BufferChoice, PrimaryConfig, PrimaryEngine};
