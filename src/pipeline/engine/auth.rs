@@ -20,11 +20,13 @@
 use std::io::Read;
 use std::net::IpAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use super::EngineError;
+use crate::rdma;
 
 /// Marks peerpipe's authentication data in rdma_cm private data and in the proof message.
 pub(crate) const MAGIC: [u8; 4] = *b"PPA1";
@@ -208,24 +210,59 @@ impl ReplicaAccess {
     }
 }
 
+/// Why the shared-secret handshake failed, on either side (the message is what the engine
+/// reports: the primary's [`EngineError::Refused`] reason, the replica's hang-up event).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub(crate) enum AuthError {
+    /// The primary: the replica's accept data carries no proof.
+    #[error("the replica did not prove the shared secret (is it started with --secret-file?)")]
+    NoReplicaProof,
+    /// The primary: the replica's proof does not match our secret.
+    #[error("the replica's proof of the shared secret is wrong (different secrets?)")]
+    WrongReplicaProof,
+    /// The replica: no message from the primary within the timeout.
+    #[error("no proof of the shared secret within {0:?}")]
+    NoPrimaryProof(Duration),
+    /// The replica: the primary's first message is not a valid proof.
+    #[error("a wrong proof of the shared secret")]
+    WrongPrimaryProof,
+    /// The replica: a work request completed with an error before the proof arrived.
+    #[error("{opcode:?} completion failed: {status:?}")]
+    Completion {
+        /// The work request's kind.
+        opcode: rdma::WcOpcode,
+        /// The status it completed with.
+        status: rdma::WcStatus,
+    },
+    /// The replica: polling the CQ, reading the receive buffer or re-posting it failed.
+    #[error(transparent)]
+    Rdma(Box<rdma::Error>),
+}
+
+impl From<rdma::Error> for AuthError {
+    fn from(e: rdma::Error) -> AuthError {
+        AuthError::Rdma(Box::new(e))
+    }
+}
+
 /// The primary's side: checks the replica's accept data and builds the proof message.
 ///
 /// # Errors
-/// A description of what is wrong (the replica did not prove the secret).
+/// [`AuthError::NoReplicaProof`] or [`AuthError::WrongReplicaProof`]: the replica did not
+/// prove the secret.
 pub(crate) fn primary_proof(
     secret: &Secret,
     nonce_p: &[u8; 16],
     accept_data: &[u8],
-) -> Result<[u8; 64], String> {
+) -> Result<[u8; 64], AuthError> {
     let d = accept_data
         .get(..REP_LEN)
         .filter(|d| d[..4] == MAGIC)
-        .ok_or("the replica did not prove the shared secret (is it started with --secret-file?)")?;
+        .ok_or(AuthError::NoReplicaProof)?;
     let nonce_r = <[u8; 16]>::try_from(&d[4..20]).expect("16 bytes");
     if !secret.check(b"replica", nonce_p, &nonce_r, &d[20..52]) {
-        return Err(
-            "the replica's proof of the shared secret is wrong (different secrets?)".into(),
-        );
+        return Err(AuthError::WrongReplicaProof);
     }
     let mut m = [0u8; 64];
     m[..4].copy_from_slice(&MAGIC);
@@ -316,7 +353,10 @@ mod tests {
         else {
             panic!("not accepted");
         };
-        assert!(primary_proof(&other, &np, &private_data).is_err());
+        assert!(matches!(
+            primary_proof(&other, &np, &private_data),
+            Err(AuthError::WrongReplicaProof)
+        ));
         let forged = {
             let mut m = [0u8; 64];
             m[..4].copy_from_slice(&MAGIC);
@@ -335,6 +375,11 @@ mod tests {
         assert!(access.check_proof(&expect, &proof));
         assert!(!access.check_proof(&expect2, &proof));
         // A replica without the secret cannot satisfy a primary that has one.
-        assert!(primary_proof(&s, &np, &[]).is_err());
+        let missing = primary_proof(&s, &np, &[]).unwrap_err();
+        assert!(matches!(missing, AuthError::NoReplicaProof));
+        assert_eq!(
+            missing.to_string(),
+            "the replica did not prove the shared secret (is it started with --secret-file?)"
+        );
     }
 }

@@ -13,7 +13,7 @@ use crate::rdma::{
     Connector, Context, MemoryRegion, ProtectionDomain, QpCaps, QpInit, RecvRequest, SendRequest,
 };
 
-use super::auth::{self, Secret};
+use super::auth::{self, AuthError, Secret};
 use super::slots::Slots;
 use super::{EngineError, WaitMode};
 
@@ -287,27 +287,28 @@ impl Link {
     /// primary's proof of the secret, before anything else is read).
     ///
     /// # Errors
-    /// A description: nothing arrived, a failed completion, or a verbs error.
-    pub(crate) fn first_message(&self, timeout: Duration) -> Result<[u8; MSG_LEN], String> {
+    /// [`AuthError::NoPrimaryProof`] (nothing arrived), [`AuthError::Completion`] (a failed
+    /// completion) or [`AuthError::Rdma`] (a verbs error).
+    pub(crate) fn first_message(&self, timeout: Duration) -> Result<[u8; MSG_LEN], AuthError> {
         let end = Instant::now() + timeout;
         // One completion at a time: what follows the proof (the hello) stays in the CQ for
         // the engine's loop.
         let mut wcs = [rdma::EMPTY_COMPLETION; 1];
         loop {
-            let got = self.cq.poll(&mut wcs).map_err(|e| e.to_string())?;
+            let got = self.cq.poll(&mut wcs)?;
             for wc in &wcs[..got] {
                 if wc.status != rdma::WcStatus::Success {
-                    return Err(format!(
-                        "{:?} completion failed: {:?}",
-                        wc.opcode, wc.status
-                    ));
+                    return Err(AuthError::Completion {
+                        opcode: wc.opcode,
+                        status: wc.status,
+                    });
                 }
                 if wc.wr_id & WR_MASK == WR_RECV {
-                    return self.take_recv(wc.wr_id).map_err(|e| e.to_string());
+                    return Ok(self.take_recv(wc.wr_id)?);
                 }
             }
             if Instant::now() > end {
-                return Err(format!("no proof of the shared secret within {timeout:?}"));
+                return Err(AuthError::NoPrimaryProof(timeout));
             }
             if got == 0 {
                 std::thread::sleep(Duration::from_millis(1));

@@ -12,7 +12,7 @@ use crate::rdma::{
     WcStatus, WindowAccess,
 };
 
-use super::auth::Verdict;
+use super::auth::{AuthError, Verdict};
 use super::drive::{Backend, Drive, WriteCache};
 use super::link::{Link, WR_BIND, WR_INV, WR_MASK, WR_RECV};
 use super::slots::{BufferInfo, DriveBuf, Slots};
@@ -166,7 +166,7 @@ impl ReplicaEngine {
                     if self.cfg.access.check_proof(&expect, &m) {
                         Ok(())
                     } else {
-                        Err("a wrong proof of the shared secret".to_string())
+                        Err(AuthError::WrongPrimaryProof)
                     }
                 });
                 if let Err(why) = checked {
