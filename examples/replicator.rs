@@ -340,7 +340,10 @@ fn print_summary(o: &Opts, rep: &PrimaryReport) {
             .replica_errors
             .iter()
             .map(|e| match e {
-                Some(s) => format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\"")),
+                Some(e) => {
+                    let s = e.to_string();
+                    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+                }
                 None => "null".into(),
             })
             .collect::<Vec<_>>()

@@ -455,7 +455,11 @@ fn write_error_and_silent_corruption_are_reported() {
     let o = sim.primary.outcome();
     assert!(!o.success);
     assert_eq!(o.unreplicated, vec![l.block(3).unwrap().range()]);
-    assert!(o.replica_errors[0].as_deref().unwrap().contains("block 3"));
+    assert!(o.replica_errors[0]
+        .as_ref()
+        .unwrap()
+        .to_string()
+        .contains("block 3"));
     assert_eq!(o.mismatches[1], vec![l.block(12).unwrap().range()]);
     assert!(o.mismatches[0].is_empty());
 }
@@ -496,7 +500,7 @@ fn malformed_message_from_replica_ends_only_that_connection() {
         sim.run();
         let o = sim.primary.outcome();
         assert!(!o.success);
-        let why = o.replica_errors[1].as_deref().unwrap();
+        let why = o.replica_errors[1].as_ref().unwrap().to_string();
         assert!(why.contains("replica 1"), "{why}");
         assert!(o.replica_errors[0].is_none());
         assert!(sim.block_ok_on(0, l.range()));

@@ -200,7 +200,7 @@ fn replica_fin_before_the_primarys_is_a_violation_of_that_replica_alone() {
     )));
     assert!(p.is_alive(0) && !p.is_alive(1));
     let o = p.outcome();
-    let why = o.replica_errors[1].as_deref().unwrap();
+    let why = o.replica_errors[1].as_ref().unwrap().to_string();
     assert!(why.contains("replica 1") && why.contains("fin"), "{why}");
     assert!(o.replica_errors[0].is_none());
     assert!(!p.is_settled(), "the run goes on to replica 0");
@@ -573,7 +573,7 @@ fn short_source_read_fails_the_block_and_the_run() {
     let o = p.outcome();
     assert!(!o.success);
     assert_eq!(o.unreplicated, vec![l.range()]);
-    let why = o.replica_errors[0].as_deref().unwrap();
+    let why = o.replica_errors[0].as_ref().unwrap().to_string();
     assert!(why.contains("source read failed"), "{why}");
 }
 

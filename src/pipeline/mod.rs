@@ -109,7 +109,7 @@ mod stats;
 
 pub use self::core::{
     BlockState, BoxError, Failure, Ledger, LedgerError, Mismatches, Outcome, PrimaryAction,
-    PrimaryCore, Remote, ReplicaAction, ReplicaCore, Window, WindowFull,
+    PrimaryCore, Remote, ReplicaAction, ReplicaCore, ReplicaError, Window, WindowFull,
 };
 pub use checksum::{crc32c, Crc32c};
 pub use copy::CopyMeter;

@@ -19,7 +19,7 @@ mod ledger;
 mod primary;
 mod replica;
 
-pub use error::{BoxError, Failure};
+pub use error::{BoxError, Failure, ReplicaError};
 pub use flow::{Window, WindowFull};
 pub use ledger::{BlockState, Ledger, LedgerError, Mismatches};
 pub use primary::{Outcome, PrimaryAction, PrimaryCore, Remote};

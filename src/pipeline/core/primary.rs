@@ -3,9 +3,10 @@
 //! back completions; see the module docs of [`crate::pipeline`] for the rules enforced here.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Instant;
 
-use super::error::Failure;
+use super::error::{Failure, ReplicaError};
 use super::flow::Window;
 use super::ledger::{BlockState, Ledger, Mismatches};
 use crate::pipeline::range::{ByteRange, Layout};
@@ -77,15 +78,16 @@ struct InFlight {
 }
 
 /// Final verdict of a run.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Outcome {
     /// True only if every block was acked `Ok` by every replica and (with verify) every
     /// read-back matched.
     pub success: bool,
     /// Byte ranges not acked by every replica.
     pub unreplicated: Vec<ByteRange>,
-    /// Per replica: why it was lost, if it was.
-    pub replica_errors: Vec<Option<String>>,
+    /// Per replica: why it was lost or failed a block (first reason), if it was; a failed
+    /// source read for replicas without a reason of their own.
+    pub replica_errors: Vec<Option<ReplicaError>>,
     /// Per replica: ranges whose read-back checksum did not match.
     pub mismatches: Vec<Vec<ByteRange>>,
     /// Blocks and bytes replicated to every replica.
@@ -104,7 +106,7 @@ struct Peer {
     /// Still connected.
     alive: bool,
     /// Why it was lost or failed a block, first reason only.
-    error: Option<String>,
+    error: Option<ReplicaError>,
     /// Buffers it advertised for blocks not sent yet.
     adverts: HashMap<u64, Remote>,
     /// Verify requests without an answer (at most its granted window).
@@ -145,7 +147,7 @@ pub struct PrimaryCore {
     started: HashMap<u64, Instant>,
     mismatches: Mismatches,
     latency: LatencyHistogram,
-    source_failed: Option<String>,
+    source_failed: Option<ReplicaError>,
     fin_sent: bool,
 }
 
@@ -299,7 +301,7 @@ impl PrimaryCore {
             };
             if self.peers[r].side.on_sent(seq).is_err() || self.ledger.sent(seq, r).is_err() {
                 // Internal inconsistency: treat the replica as lost rather than guess.
-                self.lose(r, format!("internal: block {seq} could not be sent"), out);
+                self.lose(r, ReplicaError::NotSent { seq }, out);
                 continue;
             }
             out.push(PrimaryAction::Write {
@@ -353,11 +355,11 @@ impl PrimaryCore {
                 self.dispatch(seq, out);
             }
             Err(e) => {
-                let b = self.layout.block(seq).map(|b| b.range());
-                self.source_failed = Some(format!(
-                    "source read of block {seq} ({}) failed: {e}",
-                    b.map_or(String::new(), |r| r.to_string())
-                ));
+                self.source_failed = Some(ReplicaError::SourceRead {
+                    seq,
+                    range: self.layout.block(seq).map(|b| b.range()),
+                    source: Arc::new(e),
+                });
                 for r in 0..self.peers.len() {
                     if self.peers[r].alive {
                         out.push(PrimaryAction::Send {
@@ -367,7 +369,7 @@ impl PrimaryCore {
                                 seq,
                             },
                         });
-                        self.lose(r, "aborted: source read failed".into(), out);
+                        self.lose(r, ReplicaError::SourceAborted, out);
                     }
                 }
                 self.maybe_release(seq, out);
@@ -388,11 +390,11 @@ impl PrimaryCore {
             b.writing.retain(|&r| r != replica);
         }
         if let Err(e) = result {
-            self.lose(
-                replica,
-                format!("RDMA write of block {seq} failed: {e}"),
-                out,
-            );
+            let why = ReplicaError::Write {
+                seq,
+                source: Arc::new(e),
+            };
+            self.lose(replica, why, out);
         }
         self.maybe_release(seq, out);
     }
@@ -437,9 +439,13 @@ impl PrimaryCore {
                     self.peers[replica].verify_queue.push_back(seq);
                     self.pump_verify(replica, out);
                 } else if !status.is_ok() {
-                    self.peers[replica].error.get_or_insert(format!(
-                        "replica {replica} failed to write block {seq}: {status}"
-                    ));
+                    self.peers[replica]
+                        .error
+                        .get_or_insert(ReplicaError::BlockFailed {
+                            replica,
+                            seq,
+                            status,
+                        });
                 }
                 if self.ledger.is_replicated(seq) {
                     if let Some(t) = self.started.remove(&seq) {
@@ -500,18 +506,18 @@ impl PrimaryCore {
                 },
             });
         }
-        self.lose(replica, format!("replica {replica}: {e}"), out);
+        self.lose(replica, ReplicaError::Protocol { replica, source: e }, out);
     }
 
     /// `replica`'s connection is gone (disconnect event, timeout, error). The adapter must
     /// call this only once its QP can no longer read our buffers (error state or destroyed).
     pub fn on_replica_lost(&mut self, replica: usize, why: Failure, out: &mut Vec<PrimaryAction>) {
         if self.is_alive(replica) {
-            self.lose(replica, why.to_string(), out);
+            self.lose(replica, ReplicaError::Lost(Arc::new(why)), out);
         }
     }
 
-    fn lose(&mut self, replica: usize, why: String, out: &mut Vec<PrimaryAction>) {
+    fn lose(&mut self, replica: usize, why: ReplicaError, out: &mut Vec<PrimaryAction>) {
         if !self.is_alive(replica) {
             return;
         }
@@ -554,7 +560,11 @@ impl PrimaryCore {
             }
             if let Err(e) = self.peers[r].side.on_fin_sent() {
                 // Settled in the ledger but not on the wire: never end a run on a guess.
-                self.lose(r, format!("internal: fin to replica {r} refused: {e}"), out);
+                let why = ReplicaError::FinRefused {
+                    replica: r,
+                    source: e,
+                };
+                self.lose(r, why, out);
                 continue;
             }
             out.push(PrimaryAction::Send {
@@ -578,7 +588,8 @@ impl PrimaryCore {
     /// The verdict. Never success unless every block is acked by every replica and verified.
     pub fn outcome(&self) -> Outcome {
         let (replicated_blocks, replicated_bytes) = self.ledger.replicated_blocks_bytes();
-        let mut errors: Vec<Option<String>> = self.peers.iter().map(|p| p.error.clone()).collect();
+        let mut errors: Vec<Option<ReplicaError>> =
+            self.peers.iter().map(|p| p.error.clone()).collect();
         if let Some(e) = &self.source_failed {
             for slot in errors.iter_mut() {
                 slot.get_or_insert_with(|| e.clone());
