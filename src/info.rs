@@ -5,9 +5,9 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use peerpipe_p2p_alloc::probe::errno_name;
 use peerpipe_p2p_alloc::{
-    discover, topology, Outcome, ProbeReport, Prober, Provider, SysRoot, Topology, Verdict,
+    clients, discover, errno_name, Outcome, ProbeReport, Prober, Provider, SysRoot, Topology,
+    Verdict,
 };
 
 /// A p2pmem provider with its live free space.
@@ -129,7 +129,7 @@ pub fn gather(root: &SysRoot, prober: Option<&Prober>) -> peerpipe_p2p_alloc::Re
         })
         .collect();
     let topo = Topology::new(root);
-    let clients = topology::clients(root);
+    let clients = clients(root);
     let matrix = providers
         .iter()
         .flat_map(|p| clients.iter().map(|c| topo.verdict(&p.provider.pci, c)))

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use peerpipe_p2p_alloc::{
-    discover, topology, Backing, Buffer, Error, Interface, MapType, Outcome, Placement, Pool,
+    clients, discover, Backing, Buffer, Error, Interface, MapType, Outcome, Placement, Pool,
     Prober, Provider, Reason, SysRoot, Topology,
 };
 use peerpipe_testbed::*;
@@ -175,7 +175,7 @@ fn distances_from_the_cmb_drive() {
     let root = SysRoot::live();
     let p = provider();
     let topo = Topology::new(&root);
-    let clients = topology::clients(&root);
+    let clients = clients(&root);
     let nvme: Vec<_> = clients
         .iter()
         .filter(|c| c.kind == peerpipe_p2p_alloc::ClientKind::Nvme)

@@ -10,7 +10,7 @@ fn fixture(name: &str) -> SysRoot {
 }
 
 fn client(root: &SysRoot, name: &str) -> Client {
-    peerpipe_p2p_alloc::topology::clients(root)
+    peerpipe_p2p_alloc::clients(root)
         .into_iter()
         .find(|c| c.name == name)
         .unwrap_or_else(|| panic!("no client {name}"))
@@ -38,7 +38,7 @@ fn switch_layout_finds_one_provider_with_both_interfaces() {
 #[test]
 fn clients_are_nvme_controllers_and_rdma_devices() {
     let root = fixture("switch");
-    let c = peerpipe_p2p_alloc::topology::clients(&root);
+    let c = peerpipe_p2p_alloc::clients(&root);
     let names: Vec<(&str, ClientKind, Option<&str>)> = c
         .iter()
         .map(|c| (c.name.as_str(), c.kind, c.pci.as_deref()))
@@ -238,7 +238,7 @@ fn recorded_testbed_tree_matches_the_vm() {
     // The root port has an ACS capability with nothing enabled.
     let rp = std::fs::read(root.path("sys/bus/pci/devices/0000:00:0a.0/config")).unwrap();
     assert_eq!(Acs::from_config(&rp), Acs::Present { ctrl: 0 });
-    let clients = peerpipe_p2p_alloc::topology::clients(&root);
+    let clients = peerpipe_p2p_alloc::clients(&root);
     assert_eq!(clients.len(), 6, "{clients:?}");
     for c in &clients {
         let v = topo.verdict("0000:03:00.0", c);
