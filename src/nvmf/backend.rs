@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::nvmf::status::{IoFailure, Status};
-use crate::p2p_alloc::Buffer;
+use crate::p2p_alloc::{Backing, Buffer, Pool};
 use crate::pipeline::engine::write_cache_from_sysfs;
 use crate::uring::{self, FileTarget, IoBuf, Namespace, OpKind, Ring, TargetId};
 
@@ -408,8 +408,20 @@ pub fn errno_of(e: &uring::Error) -> i32 {
 /// the thread's RDMA completion channel and rdma_cm event fd share it, so one
 /// `io_uring_enter` sleeps until any of them has something.
 pub struct QueueIo {
+    // Field order is drop order: the ring (and its buffer registrations) before the pool
+    // that keeps the registered chunks mapped.
     ring: Ring<PoolBuf>,
     targets: Vec<(TargetId, usize)>,
+    fixed: Option<FixedChunks>,
+}
+
+/// The pool whose host-memory chunks a [`QueueIo`] registers as fixed buffers, as they are
+/// first used.
+struct FixedChunks {
+    pool: Pool,
+    /// Chunks already tried (registered or refused).
+    seen: Vec<u32>,
+    registered: usize,
 }
 
 impl QueueIo {
@@ -436,7 +448,55 @@ impl QueueIo {
         for b in backends {
             targets.push((b.add_to(&mut ring)?, b.geometry.lba_size as usize));
         }
-        Ok(QueueIo { ring, targets })
+        Ok(QueueIo {
+            ring,
+            targets,
+            fixed: None,
+        })
+    }
+
+    /// Registers the host-memory chunks of `pool` with the ring as fixed buffers, each when a
+    /// read or write first uses it, so the kernel does not pin and unpin the pages of every
+    /// O_DIRECT or passthrough transfer (`READ_FIXED`/`WRITE_FIXED`, `URING_CMD_FIXED`).
+    /// The ring keeps a handle of the pool, so the chunks stay mapped while registered. A
+    /// chunk the kernel refuses (p2pmem, RLIMIT_MEMLOCK) keeps working unregistered.
+    pub fn use_fixed_buffers(&mut self, pool: &Pool) {
+        self.fixed = Some(FixedChunks {
+            pool: pool.clone(),
+            seen: Vec::new(),
+            registered: 0,
+        });
+    }
+
+    /// How many pool chunks are registered as fixed buffers.
+    pub fn fixed_chunks(&self) -> usize {
+        self.fixed.as_ref().map_or(0, |f| f.registered)
+    }
+
+    /// Registers `buf`'s chunk on first sight (see [`QueueIo::use_fixed_buffers`]).
+    fn register_chunk_of(&mut self, buf: &Buffer) {
+        let Some(f) = self.fixed.as_mut() else {
+            return;
+        };
+        let id = buf.chunk_id();
+        if f.seen.contains(&id) {
+            return;
+        }
+        f.seen.push(id);
+        let Some(c) = f.pool.chunks().into_iter().find(|c| c.id == id) else {
+            return;
+        };
+        if !matches!(c.backing, Backing::Host { .. }) {
+            // p2pmem cannot be registered (EREMOTEIO / EFAULT on current kernels).
+            return;
+        }
+        // SAFETY: `self.fixed` holds a handle of the pool, which keeps every chunk mapped
+        // (and never reuses its memory for anything else) while it lives; it is dropped
+        // after the ring, so after the registration.
+        match unsafe { self.ring.register_buffer(c.addr as *mut u8, c.len) } {
+            Ok(_) => f.registered += 1,
+            Err(e) => tracing::debug!(chunk = id, error = %e, "pool chunk used unregistered"),
+        }
     }
 
     /// The ring (to add and remove polls of foreign fds, and to wait).
@@ -469,6 +529,9 @@ impl QueueIo {
                 _ => refuse(libc::EINVAL, None),
             });
         };
+        if let IoRequest::Read { buf, .. } | IoRequest::Write { buf, .. } = &req {
+            self.register_chunk_of(buf.buffer());
+        }
         let r = match req {
             IoRequest::Read { offset, buf } => self.ring.read(t, offset, buf, tag),
             IoRequest::Write { offset, buf } => self.ring.write(t, offset, buf, tag),
@@ -608,6 +671,7 @@ mod tests {
         assert!(g.volatile_write_cache, "a file needs fdatasync");
         let pool = pool();
         let mut io = QueueIo::new(&[b], 8).unwrap();
+        io.use_fixed_buffers(&pool);
 
         let mut w = pool.alloc(8192).unwrap();
         for (i, x) in w.as_mut_slice().iter_mut().enumerate() {
@@ -642,6 +706,11 @@ mod tests {
             .iter()
             .enumerate()
             .all(|(i, &x)| x == ((i + 4096) % 251) as u8));
+        // The pool's host chunk was registered on first use, and the data above went through
+        // the fixed-buffer path (READ_FIXED / WRITE_FIXED) correctly.
+        if io.ring().capabilities().fixed_buffers == uring::Feature::On {
+            assert_eq!(io.fixed_chunks(), 1);
+        }
 
         let d = run(
             &mut io,

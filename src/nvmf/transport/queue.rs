@@ -226,8 +226,9 @@ impl Prepared {
             .map(|i| recv_request(&dev, shared, &sqes, &recv_data, i))
             .collect::<Result<Vec<_>, _>>()
             .map_err(rdma_err("receive buffers"))?;
-        let io = QueueIo::new(&shared.backends, 2 * n)
+        let mut io = QueueIo::new(&shared.backends, 2 * n)
             .map_err(|e| QueueError::Resources(format!("backend ring: {e}")))?;
+        io.use_fixed_buffers(&shared.pool);
         Ok(Prepared {
             dev,
             rcq,
