@@ -8,6 +8,8 @@
 # (+fsync at the end) of the target, all at block size BS and depth WINDOW; then the replicator
 # in each mode to 1 and 2 replicas (medians of RUNS runs; MB/s, CPU s per GiB, bytes copied),
 # with each wait mode in WAITS (events: sleep in io_uring on the RDMA completion channels; busy).
+# Units: every rate is MB/s = 10^6 bytes/s, the replicator's own unit. fio's terse output gives
+# KiB/s (x 1024 / 10^6); perftest's "BW average[MB/sec]" is MiB/s (x 1048576 / 10^6 = 1.048576).
 set -u
 BIN=${BIN:-target/release/examples/replicator}
 SIZE=${SIZE:-32M}; BS=${BS:-64K}; WINDOW=${WINDOW:-16}; RUNS=${RUNS:-1}
@@ -21,16 +23,17 @@ N=$(( $(bytes $SIZE) / $(bytes $BS) ))
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 dd if=/dev/urandom of=$SRC bs=1M count=$(( $(bytes $SIZE) >> 20 )) oflag=direct status=none
 
-fio_mbs() { # rw dev
+fio_mbs() { # rw dev -> MB/s (10^6 B/s); terse fields 7 / 48 are read / write bandwidth in KiB/s
   fio --name=b --filename=$2 --rw=$1 --bs=$BS --iodepth=$WINDOW --ioengine=io_uring --direct=1 \
       --size=$SIZE --end_fsync=1 --output-format=terse --terse-version=3 |
     awk -F';' -v rw=$1 '{printf "%.2f\n", (rw=="read" ? $7 : $48) * 1.024 / 1000}'
 }
-ib_mbs() { # [extra ib_write_bw args, e.g. --mmap=/dev/p2pmem0 for buffers in p2pmem]
+ib_mbs() { # [extra ib_write_bw args, e.g. --mmap=/dev/p2pmem0 for buffers in p2pmem] -> MB/s
+  # perftest's BW average[MB/sec] (4th column) is MiB/s: convert to MB/s (10^6 B/s)
   ib_write_bw -R -d rxe1 -s $(bytes $BS) -n $N -t $WINDOW -p 18515 "$@" >/dev/null 2>&1 & local s=$!
   sleep 1
   ib_write_bw -R -d rxe0 --source_ip $A0 -s $(bytes $BS) -n $N -t $WINDOW -p 18515 "$@" $A1 2>/dev/null |
-    awk '$1 ~ /^[0-9]+$/ && NF >= 5 {print $4}'
+    awk '$1 ~ /^[0-9]+$/ && NF >= 5 {printf "%.2f\n", $4 * 1048576 / 1000000}'
   wait $s
 }
 SECRET=/tmp/peerpipe-bench-secret; head -c 32 /dev/urandom | base64 > $SECRET
@@ -84,21 +87,21 @@ bound=$(printf '%s\n' $r $ib $w | sort -g | head -1)
 if [ -n "$P2P" ]; then
   ibp=$(echo ${IP[*]} | median); pbound=$(printf '%s\n' $r $ibp $w | sort -g | head -1)
 fi
-echo "size $SIZE, block $BS, depth/window $WINDOW, runs $RUNS (interleaved: bound, then every case, per run)"
-echo "| bound component | MB/s (median) | runs |"
+echo "size $SIZE, block $BS, depth/window $WINDOW, runs $RUNS (interleaved: bound, then every case, per run); MB/s = 10^6 bytes/s everywhere (perftest's MiB/s converted)"
+echo "| bound component | MB/s (10^6 B/s, median) | runs (MB/s) |"
 echo "|---|---|---|"
 echo "| fio read source (io_uring, O_DIRECT) | $r | ${R[*]} |"
 echo "| ib_write_bw -R rxe0->rxe1 | $ib | ${I[*]} |"
 echo "| fio write target (+end fsync) | $w | ${W[*]} |"
-echo "| **bottleneck bound** | $bound | |"
+echo "| **bottleneck bound** (MB/s) | $bound | |"
 if [ -n "$P2P" ]; then
   echo "| ib_write_bw -R, both buffers mmap'ed from /dev/p2pmem0 | $ibp | ${IP[*]} |"
-  echo "| **bottleneck bound, p2p buffers** (x bound of p2p modes) | $pbound | |"
+  echo "| **bottleneck bound, p2p buffers** (MB/s; x bound of p2p modes) | $pbound | |"
 fi
 echo
-echo "x bound: median over runs of (MB/s / that run's min(fio read, ib_write_bw / replicas, fio write)), with the p2p ib_write_bw for p2p modes"
+echo "x bound: median over runs of (MB/s / that run's min(fio read, ib_write_bw / replicas, fio write)), all in MB/s (10^6 B/s), with the p2p ib_write_bw for p2p modes"
 echo
-echo "| mode | wait | replicas | MB/s (median) | x bound | CPU s/GiB (primary) | CPU s/GiB (replica 1) | payload bytes copied | runs (MB/s) | runs (x bound) | runs (primary CPU s/GiB) |"
+echo "| mode | wait | replicas | MB/s (10^6 B/s, median) | x bound | CPU s/GiB (primary) | CPU s/GiB (replica 1) | payload bytes copied | runs (MB/s) | runs (x bound) | runs (primary CPU s/GiB) |"
 echo "|---|---|---|---|---|---|---|---|---|---|---|"
 for c in "${CASES[@]}"; do
   nrep=${c%%:*}; rest=${c#*:}; wait=${rest##*:}; m=${rest%:*}; bufs=${m%:*}; copy=${m#*:}
