@@ -465,12 +465,16 @@ pub enum Event {
     },
 }
 
-/// User + system CPU time of this process.
+/// User + system CPU time of the calling thread (`RUSAGE_THREAD`), the one that runs the
+/// engine's loop: other threads of an embedding process are not counted. Zero if the kernel
+/// refuses the call.
 fn cpu_time() -> Duration {
     // SAFETY: rusage is plain data; zeroed is valid.
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: valid pointer to a rusage.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut u) } != 0 {
+        return Duration::ZERO;
+    }
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     tv(u.ru_utime) + tv(u.ru_stime)
 }
@@ -513,5 +517,33 @@ mod tests {
             source: "/sys/dev/block/259:3/queue/write_cache: write through".into(),
         };
         assert!(n.to_string().starts_with("none ("), "{n}");
+    }
+
+    #[test]
+    fn cpu_time_counts_the_calling_thread_only() {
+        let process = || {
+            // SAFETY: rusage is plain data; zeroed is valid.
+            let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+            // SAFETY: valid pointer to a rusage.
+            assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) }, 0);
+            let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+            tv(u.ru_utime) + tv(u.ru_stime)
+        };
+        let (mine0, all0) = (cpu_time(), process());
+        // Another thread burns 150 ms of its own CPU while this one waits in join.
+        let burnt = std::thread::spawn(|| {
+            let t0 = cpu_time();
+            let mut x = 0u64;
+            while cpu_time().saturating_sub(t0) < Duration::from_millis(150) {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+            }
+            cpu_time().saturating_sub(t0)
+        })
+        .join()
+        .unwrap();
+        let (mine, all) = (cpu_time() - mine0, process() - all0);
+        assert!(burnt >= Duration::from_millis(150), "{burnt:?}");
+        assert!(all >= Duration::from_millis(150), "process: {all:?}");
+        assert!(mine < Duration::from_millis(100), "this thread: {mine:?}");
     }
 }

@@ -29,7 +29,8 @@ pub struct PrimaryReport {
     pub latency: Percentiles,
     /// Wall time from the first read to the end.
     pub elapsed: Duration,
-    /// CPU time (user + system) of the process during the run.
+    /// CPU time (user + system) of the thread that ran the engine, during the run
+    /// (`RUSAGE_THREAD`: other threads of the process are not counted).
     pub cpu: Duration,
     /// Payload bytes the CPU copied (0 in zero-copy mode).
     pub payload_bytes_copied: u64,

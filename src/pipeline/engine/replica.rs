@@ -45,7 +45,8 @@ pub struct ReplicaReport {
     pub failed_blocks: u64,
     /// Payload bytes the CPU copied (0 in zero-copy mode).
     pub payload_bytes_copied: u64,
-    /// CPU time (user + system) of the process from the connection to the end.
+    /// CPU time (user + system) of the thread that ran the engine, from the connection to the
+    /// end (`RUSAGE_THREAD`: other threads of the process are not counted).
     pub cpu: Duration,
 }
 
