@@ -39,7 +39,7 @@ bw_case() { # size iters
     for i in $(seq "$RUNS"); do
         R[pt_bw_$s]+="$(run_pair "ib_write_bw -R -d rxe1 -s $s -n $n -p @P" \
             "ib_write_bw -R -d rxe0 --source_ip $A0 -s $s -n $n -p @P $A1" 4) "
-        R[pp_bw_$s]+="$(run_pair "$OURS bw -a $A1 -p @P" \
+        R[pp_bw_$s]+="$(run_pair "$OURS bw --bind $A1 -p @P" \
             "$OURS bw -s $s -n $n -t 128 --source_ip $A0 -p @P $A1" 4) "
     done
 }
@@ -48,7 +48,7 @@ lat_case() { # size iters
     for i in $(seq "$RUNS"); do
         R[pt_lat_$s]+="$(run_pair "ib_write_lat -R -d rxe1 -s $s -n $n -p @P" \
             "ib_write_lat -R -d rxe0 --source_ip $A0 -s $s -n $n -p @P $A1" 5) "
-        R[pp_lat_$s]+="$(run_pair "$OURS lat -a $A1 -p @P" \
+        R[pp_lat_$s]+="$(run_pair "$OURS lat --bind $A1 -p @P" \
             "$OURS lat -s $s -n $n --source_ip $A0 -p @P $A1" 5) "
     done
 }

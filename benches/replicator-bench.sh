@@ -1,6 +1,6 @@
 #!/bin/bash
 # Replicator throughput vs. the bottleneck bound, all in one testbed VM run:
-#   cargo build --release -p peerpipe --example replicator
+#   cargo build --release -p peerpipe --bin peerpipe
 #   cargo xtask vm -- bash benches/replicator-bench.sh            # SIZE=256M RUNS=3 for the full run
 #   cargo xtask vm -- env SIZE=32M RUNS=3 MODES=host:none REPLICAS=1 WAITS="events busy" \
 #       bash benches/replicator-bench.sh                          # event-driven vs busy-poll wait
@@ -11,7 +11,7 @@
 # Units: every rate is MB/s = 10^6 bytes/s, the replicator's own unit. fio's terse output gives
 # KiB/s (x 1024 / 10^6); perftest's "BW average[MB/sec]" is MiB/s (x 1048576 / 10^6 = 1.048576).
 set -u
-BIN=${BIN:-target/release/examples/replicator}
+BIN=${BIN:-target/release/peerpipe}
 SIZE=${SIZE:-32M}; BS=${BS:-64K}; WINDOW=${WINDOW:-16}; RUNS=${RUNS:-1}
 MODES=${MODES:-"host:none p2p:none host:bounce"}
 WAITS=${WAITS:-events}; REPLICAS=${REPLICAS:-"1 2"}
@@ -41,11 +41,11 @@ rep_run() { # bufs copy nrep wait -> "mbs cpu copied replica1-cpu"
   local bufs=$1 copy=$2 nrep=$3 wait=$4 kids=() args=()
   for i in $(seq 1 $nrep); do
     local t=$([ $i = 1 ] && echo $D2 || echo $D3)
-    $BIN replica --listen $A1:$((7600+i)) --target $t --buffers $bufs --copy $copy --wait $wait --window $WINDOW --block-size $BS --allow-primary $A0 --secret-file $SECRET 2>/tmp/replicator-replica$i.err & kids+=($!)
+    $BIN replica --listen $A1:$((7600+i)) --target $t --buffers $bufs --copy $copy --wait $wait --iodepth $WINDOW --bs $BS --allow-primary $A0 --secret-file $SECRET 2>/tmp/replicator-replica$i.err & kids+=($!)
     args+=(--replica $A1:$((7600+i)))
   done
-  local j; j=$($BIN primary --source $SRC --bind $A0 "${args[@]}" --len $SIZE --block-size $BS \
-      --window $WINDOW --buffers $bufs --copy $copy --wait $wait --json --secret-file $SECRET 2>/tmp/replicator-primary.err)
+  local j; j=$($BIN replicate --source $SRC --bind $A0 "${args[@]}" --size $SIZE --bs $BS \
+      --iodepth $WINDOW --buffers $bufs --copy $copy --wait $wait --output-format=json --secret-file $SECRET 2>/tmp/replicator-primary.err)
   wait "${kids[@]}"
   field() { echo "$j" | grep -o "\"$1\":[0-9.]*" | cut -d: -f2; }
   if echo "$j" | grep -q '"success":true'; then

@@ -2,11 +2,12 @@
 //! `ib_write_bw -R` and `ib_write_lat -R` (same parameters, same output columns).
 //!
 //! ```text
-//! server: rdma_bw [bw|lat] [-a BIND_ADDR] [-p PORT] [-u QP_TIMEOUT]
+//! server: rdma_bw [bw|lat] [--bind ADDR] [-p PORT] [-u QP_TIMEOUT]
 //! client: rdma_bw [bw|lat] [-s SIZE] [-n ITERS] [-t TX_DEPTH] [-l POST_LIST] [-Q CQ_MOD]
 //!                 [-u QP_TIMEOUT] [--source_ip ADDR] [-p PORT] SERVER
 //! ```
-//! The client sends the test parameters and its buffer in the connect private data; the
+//! (clap: `--opt=value`, `-h/--help`, `--version`, exit status 2 on usage errors; `RUST_LOG`
+//! for the library's logs.) The client sends the test parameters and its buffer in the connect private data; the
 //! server answers with its buffer in the accept private data. BW is MiB/s (like perftest).
 
 use std::net::{IpAddr, SocketAddr};
@@ -43,66 +44,89 @@ struct Opts {
     server: Option<IpAddr>,
 }
 
-fn parse() -> std::result::Result<Opts, String> {
-    let mut o = Opts {
-        mode: Mode::Bw,
-        size: 65536,
-        iters: 0,
-        tx_depth: 128,
-        post_list: 1,
-        cq_mod: 100,
-        qp_timeout: 14,
-        port: 18515,
-        bind: None,
-        source: None,
-        server: None,
+/// RDMA WRITE bandwidth / latency in the style of perftest (its flag names; BW in MiB/s).
+#[derive(Debug, clap::Parser)]
+#[command(name = "rdma_bw", version)]
+struct Cli {
+    /// `bw` (as ib_write_bw, the default) or `lat` (as ib_write_lat), then the server's
+    /// address on the client (no address: run the server)
+    #[arg(value_name = "[bw|lat] [SERVER]", num_args = 0..=2)]
+    words: Vec<String>,
+    /// Size of message to exchange (perftest -s)
+    #[arg(short = 's', long, default_value_t = 65536)]
+    size: usize,
+    /// Number of exchanges (perftest -n; default 5000 bw, 1000 lat)
+    #[arg(short = 'n', long, default_value_t = 0)]
+    iters: u64,
+    /// Size of the send queue (perftest -t)
+    #[arg(short = 't', long = "tx-depth", default_value_t = 128)]
+    tx_depth: u32,
+    /// WRs per ibv_post_send (perftest -l; 1 lets rxe start the first WR at once)
+    #[arg(short = 'l', long = "post_list", default_value_t = 1)]
+    post_list: u32,
+    /// A signalled WR every N (perftest -Q)
+    #[arg(short = 'Q', long = "cq-mod", default_value_t = 100)]
+    cq_mod: u32,
+    /// Local ACK timeout exponent (perftest -u; 14: a lost packet is resent after 67 ms)
+    #[arg(short = 'u', long = "qp-timeout", default_value_t = 14)]
+    qp_timeout: u8,
+    /// Listen / connect port (perftest -p)
+    #[arg(short = 'p', long, default_value_t = 18515)]
+    port: u16,
+    /// Server: local address to listen on (default: any)
+    #[arg(long, value_name = "ADDR")]
+    bind: Option<IpAddr>,
+    /// Client: source address to connect from (perftest --source_ip)
+    #[arg(long = "source_ip", value_name = "ADDR")]
+    source_ip: Option<IpAddr>,
+    /// Connect through rdma_cm (perftest -R; always on here)
+    #[arg(short = 'R', long = "rdma_cm")]
+    rdma_cm: bool,
+}
+
+fn parse() -> Opts {
+    use clap::{CommandFactory as _, Parser as _};
+    let c = Cli::parse();
+    let fail = |msg: String| -> ! {
+        Cli::command()
+            .error(clap::error::ErrorKind::ValueValidation, msg)
+            .exit()
     };
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut i = 0;
-    while i < args.len() {
-        match args[i].as_str() {
-            "bw" => o.mode = Mode::Bw,
-            "lat" => o.mode = Mode::Lat,
-            "-s" | "--size" => o.size = value(&args, &mut i, "size")?,
-            "-n" | "--iters" => o.iters = value(&args, &mut i, "iters")?,
-            "-t" | "--tx-depth" => o.tx_depth = value(&args, &mut i, "tx-depth")?,
-            "-l" | "--post_list" => o.post_list = value(&args, &mut i, "post_list")?,
-            "-Q" | "--cq-mod" => o.cq_mod = value(&args, &mut i, "cq-mod")?,
-            "-u" | "--qp-timeout" => o.qp_timeout = value(&args, &mut i, "qp-timeout")?,
-            "-p" | "--port" => o.port = value(&args, &mut i, "port")?,
-            "-a" | "--bind" => o.bind = Some(value(&args, &mut i, "bind")?),
-            "--source_ip" => o.source = Some(value(&args, &mut i, "source_ip")?),
-            "-R" | "--rdma_cm" => {} // always rdma_cm
-            a if !a.starts_with('-') => {
-                o.server = Some(a.parse().map_err(|e| format!("server address: {e}"))?)
-            }
-            a => return Err(format!("unknown option {a}")),
-        }
-        i += 1;
+    let mut words = c.words.iter().map(String::as_str).peekable();
+    let mode = match words.peek() {
+        Some(&"lat") => Mode::Lat,
+        _ => Mode::Bw,
+    };
+    if matches!(words.peek(), Some(&("bw" | "lat"))) {
+        words.next();
     }
+    let server = words.next().map(|w| {
+        w.parse::<IpAddr>()
+            .unwrap_or_else(|e| fail(format!("server address {w:?}: {e}")))
+    });
+    if let Some(w) = words.next() {
+        fail(format!("unexpected argument {w:?}"));
+    }
+    let mut o = Opts {
+        mode,
+        size: c.size,
+        iters: c.iters,
+        tx_depth: c.tx_depth,
+        post_list: c.post_list,
+        cq_mod: c.cq_mod,
+        qp_timeout: c.qp_timeout,
+        port: c.port,
+        bind: c.bind,
+        source: c.source_ip,
+        server,
+    };
     if o.iters == 0 {
         o.iters = if o.mode == Mode::Bw { 5000 } else { 1000 };
     }
     if o.size == 0 || o.iters < 5 || o.tx_depth == 0 || o.post_list == 0 {
-        return Err("size must be > 0, iters >= 5, tx-depth > 0, post_list > 0".into());
+        fail("size must be > 0, iters >= 5, tx-depth > 0, post_list > 0".into());
     }
-    Ok(o)
-}
-
-/// The value after option `args[*i]` (advancing `i` to it), parsed; errors name the option.
-fn value<T: std::str::FromStr>(
-    args: &[String],
-    i: &mut usize,
-    name: &str,
-) -> std::result::Result<T, String>
-where
-    T::Err: std::fmt::Display,
-{
-    *i += 1;
-    let v = args
-        .get(*i)
-        .ok_or_else(|| format!("{} needs a value", args[*i - 1]))?;
-    v.parse().map_err(|e| format!("{name}: {e}"))
+    o
 }
 
 /// Connect private data: mode, size, iters, tx_depth, buffer (addr, rkey).
@@ -494,13 +518,11 @@ fn run_lat(o: &Opts, server: IpAddr) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    let o = match parse() {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("rdma_bw: {e}");
-            return ExitCode::from(22);
-        }
-    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .try_init();
+    let o = parse();
     let r = match (o.server, o.mode) {
         (None, _) => run_server(&o),
         (Some(s), Mode::Bw) => run_bw(&o, s),

@@ -10,6 +10,7 @@
 //! rping -s [-vVdP] [-S size] [-C count] [-a addr] [-p port]
 //! rping -c [-vVd] [-S size] [-C count] [-I addr] -a addr [-p port]
 //! ```
+//! (clap: `-h/--help`, `--version`, exit status 2 on usage errors; `RUST_LOG` for logs.)
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
@@ -37,14 +38,54 @@ struct Opts {
     debug: bool,
 }
 
-fn usage() -> String {
-    "usage:\n  rping -s [-vVdP] [-S size] [-C count] [-a addr] [-p port]\n  \
-     rping -c [-vVd] [-S size] [-C count] [-I addr] -a addr [-p port]\n\
-     \t-c\t\tclient side\n\t-I\t\tSource address to bind to for client.\n\t-s\t\tserver side\n\
-     \t-P\t\tpersistent server mode allowing multiple connections\n\
-     \t-v\t\tdisplay ping data to stdout\n\t-V\t\tvalidate ping data\n\t-d\t\tdebug printfs\n\
-     \t-S size \tping data size\n\t-C count\tping count times\n\t-a addr\t\taddress\n\t-p port\t\tport\n"
-        .to_string()
+/// rping over peerpipe-rdma (rdma-core's flags; `RUST_LOG` sets the library's log level).
+#[derive(Debug, clap::Parser)]
+#[command(name = "rping", version, disable_version_flag = true)]
+#[command(group(clap::ArgGroup::new("role").required(true).args(["server", "client"])))]
+struct Cli {
+    /// server side
+    #[arg(short = 's')]
+    server: bool,
+    /// client side
+    #[arg(short = 'c')]
+    client: bool,
+    /// persistent server mode allowing multiple connections
+    #[arg(short = 'P', requires = "server")]
+    persistent: bool,
+    /// address
+    #[arg(short = 'a', value_name = "addr", value_parser = resolve_ip, required_if_eq("client", "true"))]
+    addr: Option<IpAddr>,
+    /// Source address to bind to for client
+    #[arg(short = 'I', value_name = "addr", value_parser = resolve_ip, requires = "client")]
+    source: Option<IpAddr>,
+    /// port
+    #[arg(short = 'p', value_name = "port", default_value_t = 7174)]
+    port: u16,
+    /// ping count times (0: forever)
+    #[arg(short = 'C', value_name = "count", default_value_t = 0)]
+    count: u64,
+    /// ping data size
+    #[arg(short = 'S', value_name = "size", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(MIN_SIZE as u64..=MAX_SIZE as u64))]
+    size: u64,
+    /// display ping data to stdout
+    #[arg(short = 'v')]
+    verbose: bool,
+    /// validate ping data
+    #[arg(short = 'V')]
+    validate: bool,
+    /// debug printfs
+    #[arg(short = 'd')]
+    debug: bool,
+    /// use a raw QP (accepted; the QP is always created through rdma_cm here)
+    #[arg(short = 'q')]
+    raw_qp: bool,
+    /// type of service (accepted, not applied)
+    #[arg(short = 't', value_name = "tos")]
+    tos: Option<u8>,
+    /// Print version
+    #[arg(long, action = clap::ArgAction::Version)]
+    version: Option<bool>,
 }
 
 fn resolve_ip(s: &str) -> std::result::Result<IpAddr, String> {
@@ -59,74 +100,20 @@ fn resolve_ip(s: &str) -> std::result::Result<IpAddr, String> {
         .ok_or_else(|| format!("getaddrinfo failed - invalid hostname or IP address: {s}"))
 }
 
-fn parse(args: &[String]) -> std::result::Result<Opts, String> {
-    let mut o = Opts {
-        server: None,
-        persistent: false,
-        addr: None,
-        source: None,
-        port: 7174,
-        count: 0,
-        size: 64,
-        verbose: false,
-        validate: false,
-        debug: false,
-    };
-    let mut i = 0;
-    while i < args.len() {
-        let a = &args[i];
-        let Some(flags) = a.strip_prefix('-').filter(|f| !f.is_empty()) else {
-            return Err(format!("unexpected argument {a:?}\n{}", usage()));
-        };
-        let mut chars = flags.char_indices();
-        for (pos, f) in chars.by_ref() {
-            if "aIpCSt".contains(f) {
-                // option with a value: rest of this word, or the next word (getopt style)
-                let rest = &flags[pos + 1..];
-                let val = if !rest.is_empty() {
-                    rest.to_string()
-                } else {
-                    i += 1;
-                    args.get(i)
-                        .cloned()
-                        .ok_or_else(|| format!("-{f} needs a value\n{}", usage()))?
-                };
-                match f {
-                    'a' => o.addr = Some(resolve_ip(&val)?),
-                    'I' => o.source = Some(resolve_ip(&val)?),
-                    'p' => o.port = val.parse().map_err(|_| format!("invalid port {val}"))?,
-                    'C' => o.count = val.parse().map_err(|_| format!("Invalid count {val}"))?,
-                    'S' => {
-                        o.size = val.parse().map_err(|_| format!("Invalid size {val}"))?;
-                        if !(MIN_SIZE..=MAX_SIZE).contains(&o.size) {
-                            return Err(format!(
-                                "Invalid size {} (valid range is {MIN_SIZE} to {})",
-                                o.size,
-                                MAX_SIZE + 1
-                            ));
-                        }
-                    }
-                    _ => {} // -t tos: accepted, not applied
-                }
-                break;
-            }
-            match f {
-                's' => o.server = Some(true),
-                'c' => o.server = Some(false),
-                'v' => o.verbose = true,
-                'V' => o.validate = true,
-                'd' => o.debug = true,
-                'q' => {} // the QP is always created through rdma_cm here
-                'P' => o.persistent = true,
-                other => return Err(format!("unknown option -{other}\n{}", usage())),
-            }
-        }
-        i += 1;
+fn parse() -> Opts {
+    let c = <Cli as clap::Parser>::parse();
+    Opts {
+        server: Some(c.server),
+        persistent: c.persistent,
+        addr: c.addr,
+        source: c.source,
+        port: c.port,
+        count: c.count,
+        size: c.size as usize,
+        verbose: c.verbose,
+        validate: c.validate,
+        debug: c.debug,
     }
-    if o.server.is_none() {
-        return Err(usage());
-    }
-    Ok(o)
 }
 
 /// The 16-byte buffer advertisement (`struct rping_rdma_info`).
@@ -417,14 +404,11 @@ fn run_client(o: &Opts) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let o = match parse(&args) {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(22);
-        }
-    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .try_init();
+    let o = parse();
     let r = if o.server == Some(true) {
         run_server(&o)
     } else {

@@ -473,184 +473,12 @@ pub fn render_text(r: &Report) -> String {
     o
 }
 
-/// Minimal JSON writing (strings escaped per RFC 8259).
-mod json {
-    use std::fmt::Write as _;
+mod json;
 
-    pub fn string(s: &str) -> String {
-        let mut o = String::with_capacity(s.len() + 2);
-        o.push('"');
-        for c in s.chars() {
-            match c {
-                '"' => o.push_str("\\\""),
-                '\\' => o.push_str("\\\\"),
-                '\n' => o.push_str("\\n"),
-                '\r' => o.push_str("\\r"),
-                '\t' => o.push_str("\\t"),
-                c if (c as u32) < 0x20 => {
-                    let _ = write!(o, "\\u{:04x}", c as u32);
-                }
-                c => o.push(c),
-            }
-        }
-        o.push('"');
-        o
-    }
-
-    pub fn opt_str(s: Option<&str>) -> String {
-        s.map_or("null".into(), string)
-    }
-
-    pub fn opt_num<T: std::fmt::Display>(v: Option<T>) -> String {
-        v.map_or("null".into(), |v| v.to_string())
-    }
-
-    pub fn obj(fields: &[(&str, String)]) -> String {
-        let body: Vec<String> = fields
-            .iter()
-            .map(|(k, v)| format!("{}:{}", string(k), v))
-            .collect();
-        format!("{{{}}}", body.join(","))
-    }
-
-    pub fn arr(items: impl IntoIterator<Item = String>) -> String {
-        format!("[{}]", items.into_iter().collect::<Vec<_>>().join(","))
-    }
-}
-
-/// The report as one JSON object (stable field names; see README/`peerpipe info --help`).
-pub fn render_json(r: &Report) -> String {
-    use json::*;
-    let path_str = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
-    let providers = arr(r.providers.iter().map(|p| {
-        let pr = &p.provider;
-        obj(&[
-            ("pci", string(&pr.pci)),
-            (
-                "interfaces",
-                arr(pr.interfaces().iter().map(|i| string(i.name()))),
-            ),
-            ("chardev", opt_str(path_str(&pr.chardev).as_deref())),
-            (
-                "sysfs",
-                opt_str(
-                    pr.sysfs_dir
-                        .as_ref()
-                        .map(|d| d.display().to_string())
-                        .as_deref(),
-                ),
-            ),
-            ("size", opt_num(pr.size)),
-            ("available", opt_num(p.available)),
-            ("published", opt_num(pr.published)),
-            ("numa_node", opt_num(pr.numa_node)),
-        ])
-    }));
-    let nvme = arr(r.nvme.iter().map(|c| {
-        obj(&[
-            ("name", string(&c.name)),
-            ("serial", string(&c.serial)),
-            ("model", string(&c.model)),
-            ("firmware", string(&c.firmware)),
-            ("transport", string(&c.transport)),
-            ("pci", opt_str(c.pci.as_deref())),
-            ("numa_node", opt_num(c.numa_node)),
-            (
-                "namespaces",
-                arr(c.namespaces.iter().map(|n| {
-                    obj(&[
-                        ("name", string(&n.name)),
-                        ("block_dev", string(&n.block_dev.display().to_string())),
-                        ("char_dev", string(&n.char_dev.display().to_string())),
-                        ("lba_size", n.lba_size.to_string()),
-                        ("capacity_bytes", n.capacity_bytes.to_string()),
-                    ])
-                })),
-            ),
-        ])
-    }));
-    let rdma = arr(r.rdma.iter().map(|d| {
-        obj(&[
-            ("name", string(&d.name)),
-            ("node_guid", string(&d.node_guid)),
-            ("pci", opt_str(d.pci.as_deref())),
-            ("netdev", opt_str(d.netdev.as_deref())),
-            (
-                "ports",
-                arr(d.ports.iter().map(|p| {
-                    obj(&[
-                        ("port", p.port.to_string()),
-                        ("state", string(&p.state)),
-                        ("phys_state", string(&p.phys_state)),
-                        ("link_layer", string(&p.link_layer)),
-                        ("rate", string(&p.rate)),
-                        (
-                            "gids",
-                            arr(p.gids.iter().map(|g| {
-                                obj(&[
-                                    ("index", g.index.to_string()),
-                                    ("gid", string(&g.gid)),
-                                    ("type", opt_str(g.kind.as_deref())),
-                                ])
-                            })),
-                        ),
-                    ])
-                })),
-            ),
-        ])
-    }));
-    let matrix = arr(r.matrix.iter().map(|v| {
-        obj(&[
-            ("provider", string(&v.provider)),
-            ("client", string(&v.client.name)),
-            ("client_kind", string(v.client.kind.name())),
-            ("client_pci", opt_str(v.client.pci.as_deref())),
-            ("map", string(v.map.name())),
-            ("usable", v.map.usable().to_string()),
-            ("distance", opt_num(v.distance)),
-            ("reason", string(&v.explain())),
-            ("path", arr(v.path.iter().map(|s| string(s)))),
-            ("acs_unknown", arr(v.acs_unknown.iter().map(|s| string(s)))),
-            (
-                "host_bridge_whitelisted",
-                opt_num(v.host_bridge_whitelisted),
-            ),
-            ("provider_numa", opt_num(v.provider_numa)),
-            ("client_numa", opt_num(v.client.numa_node)),
-        ])
-    }));
-    let probes = arr(r.probes.iter().map(|p| {
-        obj(&[
-            ("provider", string(&p.provider)),
-            ("interface", string(p.interface.name())),
-            (
-                "cells",
-                arr(p.cells.iter().map(|c| {
-                    let (result, errno, note) = match &c.outcome {
-                        Outcome::Ok => ("ok".to_string(), "null".to_string(), "null".into()),
-                        Outcome::Failed { errno } => {
-                            (errno_name(*errno), errno.to_string(), "null".into())
-                        }
-                        Outcome::Skipped { why } => ("skipped".into(), "null".into(), string(why)),
-                    };
-                    obj(&[
-                        ("name", string(&c.name)),
-                        ("result", string(&result)),
-                        ("errno", errno),
-                        ("note", note),
-                    ])
-                })),
-            ),
-        ])
-    }));
-    obj(&[
-        ("providers", providers),
-        ("nvme", nvme),
-        ("rdma", rdma),
-        ("matrix", matrix),
-        ("probes", probes),
-        ("cpu_supports_p2pdma", r.cpu_supports_p2pdma.to_string()),
-    ])
+/// The report as one JSON object (stable field names, documented in the README), through
+/// serde_json.
+pub fn render_json(r: &Report) -> serde_json::Result<String> {
+    serde_json::to_string(&json::Json::new(r))
 }
 
 /// The block device for the O_DIRECT probe: the first NVMe namespace whose controller is
@@ -786,30 +614,19 @@ mod tests {
     }
 
     #[test]
-    fn json_is_well_formed_and_escaped() {
+    fn json_parses_with_the_documented_fields() {
         let r = gather(&fixture("acs"), None).unwrap();
-        let j = render_json(&r);
+        let j = render_json(&r).unwrap();
         assert!(
             j.starts_with("{\"providers\":[{\"pci\":\"0000:03:00.0\""),
             "{j}"
         );
-        assert!(j.contains("\"map\":\"not-supported\""), "{j}");
-        assert!(j.contains("\"cpu_supports_p2pdma\":false"));
-        assert_eq!(json::string("a\"b\\c\n\u{1}"), "\"a\\\"b\\\\c\\n\\u0001\"");
-        // Balanced brackets outside strings.
-        let (mut depth, mut in_str, mut esc) = (0i32, false, false);
-        for c in j.chars() {
-            match (in_str, esc, c) {
-                (true, true, _) => esc = false,
-                (true, false, '\\') => esc = true,
-                (true, false, '"') => in_str = false,
-                (false, _, '"') => in_str = true,
-                (false, _, '{' | '[') => depth += 1,
-                (false, _, '}' | ']') => depth -= 1,
-                _ => {}
-            }
-            assert!(depth >= 0);
-        }
-        assert_eq!(depth, 0);
+        let v: serde_json::Value = serde_json::from_str(&j).unwrap();
+        assert_eq!(v["cpu_supports_p2pdma"], false);
+        let m = v["matrix"].as_array().unwrap();
+        assert!(m.iter().any(|x| x["map"] == "not-supported"), "{j}");
+        assert!(m.iter().all(|x| x["usable"].is_boolean()), "{j}");
+        assert!(v["providers"][0]["interfaces"].is_array(), "{j}");
+        assert!(v["probes"].as_array().unwrap().is_empty(), "{j}");
     }
 }

@@ -28,12 +28,12 @@ timeout 60 rping -c -I "$a0" -a "$a1" -C 5 -S 64 -v
 wait "$server"
 echo "== server side"; cat /tmp/rping-server.log
 
-# The replicator: primary on data1, replicas on data2 and data3, buffers from the CMB's p2pmem.
+# Replication (`peerpipe replicate` / `peerpipe replica`): primary on data1, replicas on data2 and data3, buffers from the CMB's p2pmem.
 dev() { for d in /sys/block/nvme*; do [ "$(tr -d ' ' < "$d/device/serial")" = "$1" ] && echo "/dev/$(basename "$d")"; done; }
 src=$(dev data1) r0=$(dev data2) r1=$(dev data3)
 len=${DEMO_LEN:-8M}
-bin=target/debug/examples/replicator
-echo "== replicator: $len of $src -> $r0 and $r1 (p2pmem buffers, verify)"
+bin=target/debug/peerpipe
+echo "== peerpipe replicate: $len of $src -> $r0 and $r1 (p2pmem buffers, verify)"
 dd if=/dev/urandom of="$src" bs=1M count=16 oflag=direct status=none
 # Who may write to the replicas: the primary's address, proving a shared secret.
 secret=/tmp/peerpipe-demo-secret
@@ -44,8 +44,8 @@ await() { for _ in $(seq 600); do grep -q "listening on" "$1" 2>/dev/null && ret
 "$bin" replica --listen "$a1:7471" --target "$r0" --buffers p2p --timeout 60 "${auth[@]}" 2> >(tee /tmp/rep0.log >&2) & rep0=$!
 "$bin" replica --listen "$a1:7472" --target "$r1" --buffers p2p --timeout 60 "${auth[@]}" 2> >(tee /tmp/rep1.log >&2) & rep1=$!
 await /tmp/rep0.log; await /tmp/rep1.log
-timeout 600 "$bin" primary --source "$src" --replica "$a1:7471" --replica "$a1:7472" \
-  --bind "$a0" --len "$len" --buffers p2p --verify --timeout 60 --secret-file "$secret"
+timeout 600 "$bin" replicate --source "$src" --replica "$a1:7471" --replica "$a1:7472" \
+  --bind "$a0" --size "$len" --buffers p2p --verify --timeout 60 --secret-file "$secret"
 wait "$rep0" "$rep1"
 
 # The NVMe over Fabrics target: the kernel's own nvme-rdma host (rxe0) connects to

@@ -5,7 +5,7 @@
 //! `available` are back at their start values.
 //! Run with `cargo xtask test --vm-only -- leaks`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -16,12 +16,9 @@ use peerpipe::pipeline::engine::{
 };
 use peerpipe_testbed as tb;
 
+/// The `peerpipe` binary (its `replicate` and `replica` commands).
 fn replicator() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("examples/replicator")
+    PathBuf::from(env!("CARGO_BIN_EXE_peerpipe"))
 }
 
 const SECRET: &str = "leak-test-secret-0123456789";
@@ -143,7 +140,7 @@ fn testbed_leaks_replica_engine_after_its_primary_is_killed() {
     // The engine listens from `new`: the primary may start now.
     let mut primary = tb::spawn_watched(
         Command::new(replicator())
-            .args(["primary", "--source"])
+            .args(["replicate", "--source"])
             .arg(tb::drive("data1").block)
             .args([
                 "--bind",

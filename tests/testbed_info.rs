@@ -10,180 +10,40 @@ use std::time::Duration;
 use peerpipe::p2p_alloc::{discover, Interface, Outcome, Prober, SysRoot};
 use peerpipe_testbed::*;
 
-/// A parsed JSON value (a small reader for checking our own output).
-#[derive(Debug, Clone, PartialEq)]
-enum J {
-    Null,
-    Bool(bool),
-    Num(f64),
-    Str(String),
-    Arr(Vec<J>),
-    Obj(BTreeMap<String, J>),
+/// `peerpipe info --json` parsed by serde_json.
+type J = serde_json::Value;
+
+/// Panicking accessors that name what is missing (the tests check our own output).
+trait JExt {
+    fn at(&self, k: &str) -> &J;
+    fn arr(&self) -> &[J];
+    fn str(&self) -> &str;
+    fn num(&self) -> f64;
 }
 
-impl J {
-    fn get(&self, k: &str) -> &J {
-        match self {
-            J::Obj(m) => m
-                .get(k)
-                .unwrap_or_else(|| panic!("no field {k} in {self:?}")),
-            _ => panic!("not an object: {self:?}"),
-        }
+impl JExt for J {
+    fn at(&self, k: &str) -> &J {
+        self.as_object()
+            .unwrap_or_else(|| panic!("not an object: {self:?}"))
+            .get(k)
+            .unwrap_or_else(|| panic!("no field {k} in {self:?}"))
     }
     fn arr(&self) -> &[J] {
-        match self {
-            J::Arr(v) => v,
-            _ => panic!("not an array: {self:?}"),
-        }
+        self.as_array()
+            .unwrap_or_else(|| panic!("not an array: {self:?}"))
     }
     fn str(&self) -> &str {
-        match self {
-            J::Str(s) => s,
-            _ => panic!("not a string: {self:?}"),
-        }
+        self.as_str()
+            .unwrap_or_else(|| panic!("not a string: {self:?}"))
     }
     fn num(&self) -> f64 {
-        match self {
-            J::Num(n) => *n,
-            _ => panic!("not a number: {self:?}"),
-        }
+        self.as_f64()
+            .unwrap_or_else(|| panic!("not a number: {self:?}"))
     }
 }
 
 fn parse(s: &str) -> J {
-    let b = s.as_bytes();
-    let mut i = 0;
-    let v = value(b, &mut i);
-    ws(b, &mut i);
-    assert_eq!(i, b.len(), "trailing data at {i}");
-    v
-}
-
-fn ws(b: &[u8], i: &mut usize) {
-    while *i < b.len() && b[*i].is_ascii_whitespace() {
-        *i += 1;
-    }
-}
-
-fn value(b: &[u8], i: &mut usize) -> J {
-    ws(b, i);
-    match b[*i] {
-        b'{' => {
-            *i += 1;
-            let mut m = BTreeMap::new();
-            ws(b, i);
-            if b[*i] == b'}' {
-                *i += 1;
-                return J::Obj(m);
-            }
-            loop {
-                ws(b, i);
-                let J::Str(k) = value(b, i) else {
-                    panic!("object key at {i}")
-                };
-                ws(b, i);
-                assert_eq!(b[*i], b':', "colon at {i}");
-                *i += 1;
-                m.insert(k, value(b, i));
-                ws(b, i);
-                *i += 1;
-                match b[*i - 1] {
-                    b',' => continue,
-                    b'}' => return J::Obj(m),
-                    c => panic!("unexpected {} at {i}", c as char),
-                }
-            }
-        }
-        b'[' => {
-            *i += 1;
-            let mut v = Vec::new();
-            ws(b, i);
-            if b[*i] == b']' {
-                *i += 1;
-                return J::Arr(v);
-            }
-            loop {
-                v.push(value(b, i));
-                ws(b, i);
-                *i += 1;
-                match b[*i - 1] {
-                    b',' => continue,
-                    b']' => return J::Arr(v),
-                    c => panic!("unexpected {} at {i}", c as char),
-                }
-            }
-        }
-        b'"' => {
-            *i += 1;
-            let mut s = String::new();
-            loop {
-                let c = b[*i];
-                *i += 1;
-                match c {
-                    b'"' => return J::Str(s),
-                    b'\\' => {
-                        let e = b[*i];
-                        *i += 1;
-                        match e {
-                            b'n' => s.push('\n'),
-                            b't' => s.push('\t'),
-                            b'r' => s.push('\r'),
-                            b'u' => {
-                                let h = std::str::from_utf8(&b[*i..*i + 4]).unwrap();
-                                s.push(
-                                    char::from_u32(u32::from_str_radix(h, 16).unwrap()).unwrap(),
-                                );
-                                *i += 4;
-                            }
-                            c => s.push(c as char),
-                        }
-                    }
-                    _ => {
-                        // Multi-byte UTF-8: copy the whole sequence.
-                        let start = *i - 1;
-                        let mut end = *i;
-                        while end < b.len() && (b[end] & 0xc0) == 0x80 {
-                            end += 1;
-                        }
-                        s.push_str(std::str::from_utf8(&b[start..end]).unwrap());
-                        *i = end;
-                    }
-                }
-            }
-        }
-        b't' if b[*i..].starts_with(b"true") => {
-            *i += 4;
-            J::Bool(true)
-        }
-        b'f' if b[*i..].starts_with(b"false") => {
-            *i += 5;
-            J::Bool(false)
-        }
-        b'n' if b[*i..].starts_with(b"null") => {
-            *i += 4;
-            J::Null
-        }
-        _ => {
-            let start = *i;
-            while *i < b.len() && matches!(b[*i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9') {
-                *i += 1;
-            }
-            J::Num(
-                std::str::from_utf8(&b[start..*i])
-                    .unwrap()
-                    .parse()
-                    .unwrap_or_else(|e| panic!("number at {start}: {e}")),
-            )
-        }
-    }
-}
-
-#[test]
-fn json_reader_reads_what_it_should() {
-    let v = parse(r#" {"a":[1,-2.5e1,true,false,null],"b":"x\"\u00e9y","c":{}} "#);
-    assert_eq!(v.get("a").arr()[1], J::Num(-25.0));
-    assert_eq!(v.get("b").str(), "x\"éy");
-    assert_eq!(v.get("c"), &J::Obj(BTreeMap::new()));
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("{e}: {s}"))
 }
 
 fn info_json() -> J {
@@ -203,108 +63,104 @@ fn info_json_describes_the_testbed() {
     require_testbed();
     let j = info_json();
 
-    let providers = j.get("providers").arr();
+    let providers = j.at("providers").arr();
     assert_eq!(providers.len(), 1);
     let p = &providers[0];
-    assert_eq!(p.get("pci").str(), "0000:03:00.0");
-    assert_eq!(p.get("size").num(), CMB);
-    assert_eq!(
-        p.get("available").num(),
-        CMB,
-        "probe mappings were returned"
-    );
-    assert_eq!(p.get("published"), &J::Bool(true));
-    assert_eq!(p.get("chardev").str(), "/dev/p2pmem0");
-    let ifaces: Vec<&str> = p.get("interfaces").arr().iter().map(J::str).collect();
+    assert_eq!(p.at("pci").str(), "0000:03:00.0");
+    assert_eq!(p.at("size").num(), CMB);
+    assert_eq!(p.at("available").num(), CMB, "probe mappings were returned");
+    assert_eq!(p.at("published"), &J::Bool(true));
+    assert_eq!(p.at("chardev").str(), "/dev/p2pmem0");
+    let ifaces: Vec<&str> = p.at("interfaces").arr().iter().map(J::str).collect();
     assert_eq!(ifaces, ["chardev", "sysfs"]);
 
     // NVMe: one controller per drive, serials and namespaces as the testbed made them.
-    let nvme = j.get("nvme").arr();
+    let nvme = j.at("nvme").arr();
     assert_eq!(nvme.len(), drive_count());
     let mut by_serial = BTreeMap::new();
     for c in nvme {
-        by_serial.insert(c.get("serial").str().to_string(), c);
-        let ns = c.get("namespaces").arr();
+        by_serial.insert(c.at("serial").str().to_string(), c);
+        let ns = c.at("namespaces").arr();
         assert_eq!(ns.len(), 1, "{c:?}");
-        let d = drive(c.get("serial").str());
-        assert_eq!(ns[0].get("block_dev").str(), d.block.to_str().unwrap());
-        assert_eq!(ns[0].get("char_dev").str(), d.ng.to_str().unwrap());
-        assert_eq!(ns[0].get("lba_size").num(), d.lba_size as f64);
-        assert_eq!(ns[0].get("capacity_bytes").num(), (1u64 << 30) as f64);
+        let d = drive(c.at("serial").str());
+        assert_eq!(ns[0].at("block_dev").str(), d.block.to_str().unwrap());
+        assert_eq!(ns[0].at("char_dev").str(), d.ng.to_str().unwrap());
+        assert_eq!(ns[0].at("lba_size").num(), d.lba_size as f64);
+        assert_eq!(ns[0].at("capacity_bytes").num(), (1u64 << 30) as f64);
     }
-    assert_eq!(by_serial["p2p0"].get("pci").str(), "0000:03:00.0");
+    assert_eq!(by_serial["p2p0"].at("pci").str(), "0000:03:00.0");
     assert!(by_serial.contains_key("data1"));
 
     // RDMA: rxe0/rxe1 on the veths, port active, the RoCE v2 GID of their IPv4 address.
-    let rdma = j.get("rdma").arr();
+    let rdma = j.at("rdma").arr();
     let (a0, a1) = addrs();
     for (name, netdev, addr) in [("rxe0", "veth0", &a0), ("rxe1", "veth1", &a1)] {
         let d = rdma
             .iter()
-            .find(|d| d.get("name").str() == name)
+            .find(|d| d.at("name").str() == name)
             .unwrap_or_else(|| panic!("{name} missing: {rdma:?}"));
-        assert_eq!(d.get("pci"), &J::Null);
-        assert_eq!(d.get("netdev").str(), netdev);
-        let port = &d.get("ports").arr()[0];
-        assert!(port.get("state").str().contains("ACTIVE"), "{port:?}");
+        assert_eq!(d.at("pci"), &J::Null);
+        assert_eq!(d.at("netdev").str(), netdev);
+        let port = &d.at("ports").arr()[0];
+        assert!(port.at("state").str().contains("ACTIVE"), "{port:?}");
         let ip: std::net::Ipv4Addr = addr.parse().unwrap();
         let o = ip.octets();
         let want = format!("ffff:{:02x}{:02x}:{:02x}{:02x}", o[0], o[1], o[2], o[3]);
         assert!(
-            port.get("gids")
+            port.at("gids")
                 .arr()
                 .iter()
-                .any(|g| g.get("gid").str().ends_with(&want)),
+                .any(|g| g.at("gid").str().ends_with(&want)),
             "{name}: no GID for {addr}: {port:?}"
         );
     }
 
     // Matrix: same device for the CMB drive, bus-addr via the switch for the others,
     // CPU copy for rxe.
-    let matrix = j.get("matrix").arr();
+    let matrix = j.at("matrix").arr();
     assert_eq!(matrix.len(), drive_count() + rdma.len());
     for v in matrix {
-        let client = v.get("client").str();
-        let map = v.get("map").str();
-        if v.get("client_kind").str() == "rdma" {
+        let client = v.at("client").str();
+        let map = v.at("map").str();
+        if v.at("client_kind").str() == "rdma" {
             assert_eq!(map, "cpu-copy", "{v:?}");
-            assert_eq!(v.get("distance"), &J::Null);
+            assert_eq!(v.at("distance"), &J::Null);
             continue;
         }
         assert_eq!(map, "bus-addr", "{v:?}");
         let serial = nvme
             .iter()
-            .find(|c| c.get("name").str() == client)
+            .find(|c| c.at("name").str() == client)
             .unwrap()
-            .get("serial")
+            .at("serial")
             .str();
         let want = if serial == "p2p0" { 0.0 } else { 4.0 };
-        assert_eq!(v.get("distance").num(), want, "{v:?}");
+        assert_eq!(v.at("distance").num(), want, "{v:?}");
     }
 
     // Probe: the binary's cells (cpu, o_direct, uring_fixed) match the matrix.
-    let probes = j.get("probes").arr();
+    let probes = j.at("probes").arr();
     assert_eq!(probes.len(), 2);
     for p in probes {
         let cell = |n: &str| {
-            p.get("cells")
+            p.at("cells")
                 .arr()
                 .iter()
-                .find(|c| c.get("name").str() == n)
+                .find(|c| c.at("name").str() == n)
                 .unwrap_or_else(|| panic!("no cell {n}: {p:?}"))
-                .get("result")
+                .at("result")
                 .str()
                 .to_string()
         };
         assert_eq!(cell("cpu"), "ok", "{p:?}");
         assert_eq!(cell("o_direct"), "ok", "{p:?}");
         assert_eq!(cell("nvme_passthrough"), "ok", "{p:?}");
-        let want = match p.get("interface").str() {
+        let want = match p.at("interface").str() {
             "chardev" => "EREMOTEIO",
             _ => "EFAULT",
         };
         assert_eq!(cell("uring_fixed"), want, "{p:?}");
-        let mr_want = match p.get("interface").str() {
+        let mr_want = match p.at("interface").str() {
             "chardev" => "ok",
             _ => "EFAULT",
         };
@@ -422,17 +278,17 @@ fn info_json_on_a_recorded_tree() {
     );
     assert!(out.status.success(), "{}", text(&out));
     let j = parse(&String::from_utf8(out.stdout).unwrap());
-    assert_eq!(j.get("providers").arr()[0].get("size").num(), CMB);
+    assert_eq!(j.at("providers").arr()[0].at("size").num(), CMB);
     let v = j
-        .get("matrix")
+        .at("matrix")
         .arr()
         .iter()
-        .find(|v| v.get("client").str() == "nvme1")
+        .find(|v| v.at("client").str() == "nvme1")
         .unwrap();
-    assert_eq!(v.get("map").str(), "not-supported");
-    assert_eq!(v.get("usable"), &J::Bool(false));
-    assert!(v.get("reason").str().contains("ACS redirect"), "{v:?}");
-    assert_eq!(j.get("probes").arr().len(), 0);
+    assert_eq!(v.at("map").str(), "not-supported");
+    assert_eq!(v.at("usable"), &J::Bool(false));
+    assert!(v.at("reason").str().contains("ACS redirect"), "{v:?}");
+    assert_eq!(j.at("probes").arr().len(), 0);
     let bad = run(
         Command::new(env!("CARGO_BIN_EXE_peerpipe")).args(["info", "--bogus"]),
         Duration::from_secs(60),

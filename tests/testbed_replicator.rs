@@ -1,4 +1,4 @@
-//! Testbed tests of `examples/replicator.rs`: real NVMe drives, real rxe RDMA, real p2pmem.
+//! Testbed tests of `peerpipe replicate` / `peerpipe replica`: real NVMe drives, real rxe RDMA, real p2pmem.
 //! Run with `cargo xtask test --vm-only -- replicator`.
 
 use std::io::{Read, Seek, SeekFrom};
@@ -8,20 +8,19 @@ use std::time::Duration;
 
 use peerpipe_testbed as tb;
 
+/// The `peerpipe` binary; tests run its `replicate` (primary) and `replica` commands.
 fn bin() -> PathBuf {
-    // target/<profile>/deps/<test> -> target/<profile>/examples/replicator
-    let exe = std::env::current_exe().expect("current_exe");
-    let p = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("examples/replicator");
-    assert!(
-        p.exists(),
-        "{} missing: build the examples (cargo test builds them)",
-        p.display()
-    );
-    p
+    PathBuf::from(env!("CARGO_BIN_EXE_peerpipe"))
+}
+
+/// The primary's `--output-format=json` summary (the last line of its stdout), parsed.
+fn summary(stdout: &str) -> serde_json::Value {
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON summary in {stdout}"));
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))
 }
 
 /// Overwrites the first `mib` MiB of `dev` from `input` (/dev/urandom, /dev/zero) with O_DIRECT.
@@ -180,17 +179,11 @@ fn blocks_written(stderr: &str) -> u64 {
         .unwrap_or_else(|| panic!("no `replica: wrote N blocks` line in:\n{stderr}"))
 }
 
-/// The primary's `"replicated_bytes":N` from its JSON summary.
+/// The primary's `replicated_bytes` from its JSON summary.
 fn replicated_bytes(stdout: &str) -> u64 {
-    let tail = stdout
-        .split("\"replicated_bytes\":")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no replicated_bytes in {stdout}"));
-    tail[..tail
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(tail.len())]
-        .parse()
-        .unwrap()
+    summary(stdout)["replicated_bytes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no replicated_bytes in {stdout}"))
 }
 
 /// Starts a paced primary (see FAULT_PACING) of data1 to `replicas` with `extra` options.
@@ -198,7 +191,7 @@ fn fault_primary(replicas: &[&str], extra: &[&str]) -> tb::Watched {
     let (a0, _) = tb::addrs();
     let src = tb::drive("data1").block;
     let mut cmd = Command::new(bin());
-    cmd.args(["primary", "--source"])
+    cmd.args(["replicate", "--source"])
         .arg(&src)
         .args(["--bind", &a0]);
     for r in replicas {
@@ -219,7 +212,7 @@ fn fault_primary(replicas: &[&str], extra: &[&str]) -> tb::Watched {
 fn primary(src: &Path, replicas: &[&str], extra: &[&str], timeout: Duration) -> Output {
     let (a0, _) = tb::addrs();
     let mut cmd = Command::new(bin());
-    cmd.args(["primary", "--source"])
+    cmd.args(["replicate", "--source"])
         .arg(src)
         .args(["--bind", &a0]);
     for r in replicas {
@@ -271,16 +264,14 @@ fn replicate_and_check(bufs: &str, targets: &[&str], port0: u16) {
     );
     let out = stdout(&o);
     assert!(o.status.success(), "{}", tb::text(&o));
-    assert!(out.contains("\"success\":true"), "{out}");
-    assert!(out.contains(&format!("\"buffers\":\"{bufs}\"")), "{out}");
+    assert_eq!(summary(&out)["success"], true, "{out}");
+    assert_eq!(summary(&out)["buffers"], bufs, "{out}");
     // The zero-copy claim: no payload byte copied by the CPU.
-    assert!(out.contains("\"payload_bytes_copied\":0,"), "{out}");
+    assert_eq!(summary(&out)["payload_bytes_copied"], 0, "{out}");
     let blocks = LEN.div_ceil(65536);
-    assert!(
-        out.contains(&format!(
-            "\"verified_blocks\":{}",
-            blocks * targets.len() as u64
-        )),
+    assert_eq!(
+        summary(&out)["verified_blocks"],
+        blocks * targets.len() as u64,
         "{out}"
     );
     let want = read_range(&src, OFFSET, LEN);
@@ -347,7 +338,7 @@ fn testbed_replicator_killed_replica_names_unreplicated_ranges() {
     let out = stdout(&o);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{}", tb::text(&o));
-    assert!(out.contains("\"success\":false"), "{out}");
+    assert_eq!(summary(&out)["success"], false, "{out}");
     assert!(err.contains("unreplicated: bytes"), "{err}");
     assert!(err.contains("replica 1"), "{err}");
     assert!(
@@ -395,7 +386,7 @@ fn testbed_replicator_stalled_replica_is_failed_alone() {
     let out = stdout(&o);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{}", tb::text(&o));
-    assert!(out.contains("\"success\":false"), "{out}");
+    assert_eq!(summary(&out)["success"], false, "{out}");
     assert!(
         err.contains("replica 1 (") && err.contains("stalled"),
         "{err}"
@@ -404,7 +395,8 @@ fn testbed_replicator_stalled_replica_is_failed_alone() {
         !err.contains("replica 0 ("),
         "the healthy replica was failed too: {err}"
     );
-    assert!(out.contains("\"replica_errors\":[null,\""), "{out}");
+    let errs = &summary(&out)["replica_errors"];
+    assert!(errs[0].is_null() && errs[1].is_string(), "{out}");
     let done = replicated_bytes(&out);
     assert!(
         done >= acked * 65536 && done < FAULT_BLOCKS * 65536,
@@ -549,9 +541,11 @@ fn testbed_replicator_link_down_names_unreplicated_ranges() {
     let out = stdout(&o);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{}", tb::text(&o));
-    assert!(out.contains("\"success\":false"), "{out}");
-    assert!(!out.contains("\"success\":true"), "{out}");
-    assert!(out.contains("\"unreplicated\":[["), "{out}");
+    assert_eq!(summary(&out)["success"], false, "{out}");
+    assert!(
+        !summary(&out)["unreplicated"].as_array().unwrap().is_empty(),
+        "{out}"
+    );
     assert!(err.contains("unreplicated: bytes"), "{err}");
     assert!(err.contains("replica 0"), "{err}");
     // The replica stops in order with 3: its primary went away before fin.
@@ -787,8 +781,9 @@ fn testbed_replicator_p2pmem_exhaustion_is_a_clear_error() {
         Duration::from_secs(300),
     );
     assert!(o.status.success(), "{}", tb::text(&o));
-    assert!(
-        stdout(&o).contains("\"verified_blocks\":32"),
+    assert_eq!(
+        summary(&stdout(&o))["verified_blocks"],
+        32,
         "{}",
         stdout(&o)
     );
@@ -814,7 +809,7 @@ fn testbed_replicator_refuses_unauthenticated_primaries() {
     let other = other.to_str().unwrap().to_string();
     let try_primary = |bind: &str, secret: Option<&str>| {
         let mut cmd = Command::new(bin());
-        cmd.args(["primary", "--source"]).arg(&src).args([
+        cmd.args(["replicate", "--source"]).arg(&src).args([
             "--bind",
             bind,
             "--replica",
@@ -944,24 +939,26 @@ fn testbed_replicator_refuses_a_claimed_block_device() {
     }
 }
 
-/// Host test (no device): `--help` documents the exit codes scripts rely on.
+/// Host test (no device): `--help` of both roles documents the exit codes scripts rely on.
 #[test]
 fn replicator_help_documents_exit_codes() {
-    let o = Command::new(bin())
-        .arg("--help")
-        .output()
-        .expect("run --help");
-    assert!(o.status.success(), "{}", tb::text(&o));
-    let s = String::from_utf8_lossy(&o.stdout);
-    for want in [
-        "usage:",
-        "exit codes:",
-        "  0  ",
-        "  1  ",
-        "  2  ",
-        "  3  replica only",
-    ] {
-        assert!(s.contains(want), "missing {want:?} in:\n{s}");
+    for role in ["replicate", "replica"] {
+        let o = Command::new(bin())
+            .args([role, "--help"])
+            .output()
+            .expect("run --help");
+        assert!(o.status.success(), "{}", tb::text(&o));
+        let s = String::from_utf8_lossy(&o.stdout);
+        for want in [
+            "Usage:",
+            "exit codes:",
+            "  0  ",
+            "  1  ",
+            "  2  ",
+            "  3  replica only",
+        ] {
+            assert!(s.contains(want), "{role}: missing {want:?} in:\n{s}");
+        }
     }
     let o = Command::new(bin()).arg("bogus").output().expect("run");
     assert_eq!(o.status.code(), Some(2));
@@ -1034,14 +1031,11 @@ fn replicate_with(
         tb::text(&o),
         tb::text(&ro)
     );
-    assert!(out.contains("\"success\":true"), "{out}");
-    assert!(out.contains(&format!("\"buffers\":\"{bufs}\"")), "{out}");
-    assert!(out.contains("\"payload_bytes_copied\":0,"), "{out}");
+    assert_eq!(summary(&out)["success"], true, "{out}");
+    assert_eq!(summary(&out)["buffers"], bufs, "{out}");
+    assert_eq!(summary(&out)["payload_bytes_copied"], 0, "{out}");
     let blocks = LEN.div_ceil(65536);
-    assert!(
-        out.contains(&format!("\"verified_blocks\":{blocks}")),
-        "{out}"
-    );
+    assert_eq!(summary(&out)["verified_blocks"], blocks, "{out}");
     assert!(ro.status.success(), "{}", tb::text(&ro));
     assert!(
         rerr.contains("payload bytes copied by the CPU: 0"),
@@ -1070,7 +1064,7 @@ fn replicate_with(
 fn testbed_replicator_nvme_passthrough_verify_p2p() {
     tb::require_testbed();
     let (out, err) = replicate_with(|d| d.ng.clone(), "p2p", &[], 7501);
-    assert!(out.contains("\"wait\":\"events\""), "{out}");
+    assert_eq!(summary(&out)["wait"], "events", "{out}");
     assert!(err.contains("source /dev/ng"), "{err}");
     assert!(err.contains("(nvme passthrough)"), "{err}");
     assert!(err.contains("Identify Controller VWC"), "{err}");
@@ -1084,7 +1078,7 @@ fn testbed_replicator_nvme_passthrough_verify_p2p() {
 fn testbed_replicator_wait_busy_verify_host() {
     tb::require_testbed();
     let (out, err) = replicate_with(|d| d.block.clone(), "host", &["--wait", "busy"], 7502);
-    assert!(out.contains("\"wait\":\"busy\""), "{out}");
+    assert_eq!(summary(&out)["wait"], "busy", "{out}");
     assert!(err.contains("block device, O_DIRECT"), "{err}");
     // The decision for a block device comes from sysfs queue/write_cache.
     assert!(err.contains("/queue/write_cache: write "), "{err}");

@@ -1,55 +1,31 @@
-//! A minimal `tracing` subscriber for `--verbose`: info and above, one line per event on
-//! stderr (the workspace has no subscriber crate; this is all the commands need).
+//! The tracing subscriber every `peerpipe` command installs: `tracing-subscriber`'s fmt layer
+//! on stderr, filtered by `RUST_LOG` when set, else by the `-v/-q` count (warn by default, so
+//! the library's warnings, such as a ring leaking its buffers, are never lost).
 
-use std::fmt::Write as _;
+use std::io::IsTerminal as _;
 
-use tracing::field::{Field, Visit};
-use tracing::{span, Event, Level, Metadata, Subscriber};
+use tracing_subscriber::EnvFilter;
 
-struct Stderr;
-
-struct Line(String);
-
-impl Visit for Line {
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        if field.name() == "message" {
-            let _ = write!(self.0, " {value:?}");
-        } else {
-            let _ = write!(self.0, " {}={value:?}", field.name());
-        }
-    }
-    fn record_str(&mut self, field: &Field, value: &str) {
-        if field.name() == "message" {
-            let _ = write!(self.0, " {value}");
-        } else {
-            let _ = write!(self.0, " {}={value}", field.name());
-        }
+/// The level for `verbose` `-v`s and `quiet` `-q`s: warn by default, -v info, -vv debug,
+/// -vvv trace; -q error, -qq off.
+pub fn level(verbose: u8, quiet: u8) -> &'static str {
+    match i16::from(verbose) - i16::from(quiet) {
+        i16::MIN..=-2 => "off",
+        -1 => "error",
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
     }
 }
 
-impl Subscriber for Stderr {
-    fn enabled(&self, m: &Metadata<'_>) -> bool {
-        *m.level() <= Level::INFO
-    }
-    fn new_span(&self, _: &span::Attributes<'_>) -> span::Id {
-        span::Id::from_u64(1)
-    }
-    fn record(&self, _: &span::Id, _: &span::Record<'_>) {}
-    fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
-    fn event(&self, e: &Event<'_>) {
-        let mut line = Line(format!(
-            "{} {}:",
-            e.metadata().level(),
-            e.metadata().target()
-        ));
-        e.record(&mut line);
-        eprintln!("{}", line.0);
-    }
-    fn enter(&self, _: &span::Id) {}
-    fn exit(&self, _: &span::Id) {}
-}
-
-/// Sends info-level events and above to stderr (once; later calls do nothing).
-pub fn init() {
-    let _ = tracing::subscriber::set_global_default(Stderr);
+/// Installs the subscriber once (later calls do nothing).
+pub fn init(verbose: u8, quiet: u8) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level(verbose, quiet)));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
 }

@@ -7,9 +7,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use peerpipe::nvmf::server::Target;
 
 #[path = "target_args.rs"]
-mod args;
+pub mod args;
 
-use args::USAGE;
+/// The `--output-format=json` statistics printed at exit.
+#[derive(Debug, serde::Serialize)]
+struct Stats {
+    commands: u64,
+    errors: u64,
+    rdma_read_bytes: u64,
+    rdma_write_bytes: u64,
+    payload_bytes_copied: u64,
+    error: Option<String>,
+}
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -40,22 +49,8 @@ fn install_signal_handlers() -> Result<(), String> {
     Ok(())
 }
 
-/// Runs `peerpipe target ARGS...`.
-pub fn main(args: impl Iterator<Item = String>) -> ExitCode {
-    let a = match args::parse(args) {
-        Ok(a) => a,
-        Err(e) if e.is_empty() => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("peerpipe target: {e}\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
-    if a.verbose {
-        crate::log::init();
-    }
+/// Runs `peerpipe target` with parsed arguments (logging is already set up by `-v`).
+pub fn main(a: args::Args) -> ExitCode {
     if let Err(e) = install_signal_handlers() {
         eprintln!("peerpipe target: {e}");
         return ExitCode::FAILURE;
@@ -90,6 +85,16 @@ pub fn main(args: impl Iterator<Item = String>) -> ExitCode {
         written,
         target.copied_bytes()
     );
+    if a.json {
+        crate::common::print_json(&Stats {
+            commands: s.commands,
+            errors: s.errors,
+            rdma_read_bytes: read,
+            rdma_write_bytes: written,
+            payload_bytes_copied: target.copied_bytes(),
+            error: result.as_ref().err().map(ToString::to_string),
+        });
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1,41 +1,69 @@
-//! The command line of `peerpipe target`: global options plus repeated subsystem groups
-//! (`--nqn A --ns P [--ns P...] [--allow-host H...] --nqn B ...`), like the kernel target's
-//! several subsystems on one port. Every `--ns` and `--allow-host` belongs to the `--nqn`
-//! before it. Errors are plain messages; the caller exits 2 with them.
+//! The command line of `peerpipe target` (clap): global options plus repeated subsystem
+//! groups (`--nqn A --ns P [--ns P...] [--allow-host H...] --nqn B ...`), like the kernel
+//! target's several subsystems on one port. Every `--ns` and `--allow-host` belongs to the
+//! `--nqn` before it: clap collects the values, [`from_matches`] groups them by their
+//! positions on the command line. Errors are plain messages; the caller exits 2 with them.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
+use clap::{ArgMatches, FromArgMatches as _};
 use peerpipe::nvmf::server::BufferChoice;
 use peerpipe::nvmf::{NamespaceConfig, SubsystemConfig, TargetConfig};
 
-/// `peerpipe target --help`.
-pub const USAGE: &str =
-    "usage: peerpipe target --listen ADDR[:PORT] [--buffers p2p|host|auto] [--verbose]
-                       --nqn NQN --ns SPEC [--ns SPEC ...] [--allow-host HOSTNQN ...]
-                       [--nqn NQN --ns SPEC ... [--allow-host HOSTNQN ...]] ...
+use crate::common::OutputFormat;
 
-  --listen ADDR[:PORT]  local address of an RDMA device (port 4420 by default)
-  --nqn NQN             starts a subsystem; the --ns and --allow-host options after it, up to
-                        the next --nqn, belong to it. Several subsystems share the port and
-                        `nvme discover` lists them all
-  --ns SPEC             a namespace of the current subsystem (nsid 1, 2, ... in order):
-                          PATH[,uuid=UUID][,nguid=HEX32]
-                        PATH: /dev/ngXnY (NVMe passthrough), a block device (opened O_EXCL)
-                        or a file, all with O_DIRECT; a path may serve one namespace only.
-                        UUID: 8-4-4-4-12 hex digits (or 32 hex digits); NGUID: 32 hex digits;
-                        neither may be all zero or repeat another namespace's. Default:
-                        derived stably from the subsystem NQN and the nsid
-  --allow-host HOSTNQN  the current subsystem accepts only these hosts (default: any host)
-  --buffers             data buffers in p2pmem, host memory, or p2pmem when usable (default)
-  --verbose             log connections and queue events to stderr
+/// Printed after the options by `peerpipe target --help`.
+pub const AFTER_HELP: &str = "\
+--ns SPEC is PATH[,uuid=UUID][,nguid=HEX32]. PATH: /dev/ngXnY (NVMe passthrough), a block
+device (opened O_EXCL) or a file, all with O_DIRECT; a path may serve one namespace only.
+UUID: 8-4-4-4-12 hex digits (or 32 hex digits); NGUID: 32 hex digits; neither may be all zero
+or repeat another namespace's. Default: derived stably from the subsystem NQN and the nsid.
+Namespaces are numbered 1, 2, ... in order in each subsystem. Several subsystems share the
+port and `nvme discover` lists them all.
 
-Bad combinations (an --ns or --allow-host before any --nqn, a subsystem without --ns, a
-repeated NQN, path, UUID or NGUID, an unknown namespace option) exit with status 2.
+--output-format=json prints one JSON object with the statistics on stdout at exit:
+  {\"commands\":N,\"errors\":N,\"rdma_read_bytes\":N,\"rdma_write_bytes\":N,
+   \"payload_bytes_copied\":N,\"error\":null|\"message\"}
+
+exit codes: 0 stopped by SIGINT/SIGTERM; 1 setup or serving failure; 2 usage error (bad
+combinations: an --ns or --allow-host before any --nqn, a subsystem without --ns, a repeated
+NQN, path, UUID or NGUID, an unknown namespace option).
 
 example: peerpipe target --listen 10.0.0.2 --nqn nqn.2026-11.io.example:a --ns /dev/ng1n1 \\
            --nqn nqn.2026-11.io.example:b --ns /dev/nvme2n1,uuid=0f8e4c2a-1d3b-4e5f-8a9b-0c1d2e3f4a5b";
+
+/// The options as clap sees them; [`from_matches`] turns them into [`Args`].
+#[derive(Debug, clap::Args)]
+pub struct TargetArgs {
+    /// Local address of an RDMA device (port 4420 by default)
+    #[arg(long, value_name = "ADDR[:PORT]", value_parser = parse_listen)]
+    pub listen: SocketAddr,
+    /// Starts a subsystem; the --ns and --allow-host options after it, up to the next
+    /// --nqn, belong to it
+    #[arg(long, value_name = "NQN", required = true)]
+    pub nqn: Vec<String>,
+    /// A namespace of the current subsystem: PATH[,uuid=UUID][,nguid=HEX32]
+    #[arg(long, value_name = "SPEC")]
+    pub ns: Vec<String>,
+    /// The current subsystem accepts only these hosts (default: any host)
+    #[arg(long, value_name = "HOSTNQN")]
+    pub allow_host: Vec<String>,
+    /// Data buffers in p2pmem, host memory, or p2pmem when usable
+    #[arg(long, value_name = "p2p|host|auto", default_value = "auto", value_parser = parse_buffers)]
+    pub buffers: BufferChoice,
+    /// Statistics at exit as a JSON line on stdout (json); --json is short for it
+    #[arg(long, value_enum, value_name = "normal|json", default_value = "normal")]
+    pub output_format: OutputFormat,
+    /// Same as --output-format=json
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_buffers(v: &str) -> Result<BufferChoice, String> {
+    v.parse()
+}
 
 /// The parsed command line.
 #[derive(Debug)]
@@ -46,8 +74,8 @@ pub struct Args {
     pub subsystems: Vec<SubsystemConfig>,
     /// Where the data buffers live.
     pub buffers: BufferChoice,
-    /// Log to stderr.
-    pub verbose: bool,
+    /// Statistics at exit as JSON.
+    pub json: bool,
 }
 
 impl Args {
@@ -67,7 +95,7 @@ fn parse_listen(v: &str) -> Result<SocketAddr, String> {
         .trim_start_matches('[')
         .trim_end_matches(']')
         .parse::<IpAddr>()
-        .map_err(|_| format!("--listen {v:?}: not an ADDR or ADDR:PORT"))?;
+        .map_err(|_| format!("{v:?}: not an ADDR or ADDR:PORT"))?;
     Ok(SocketAddr::new(ip, 4420))
 }
 
@@ -146,27 +174,44 @@ fn new_subsystem(nqn: String) -> SubsystemConfig {
     }
 }
 
-/// Parses the arguments after `target`; `Err("")` means `--help`.
-pub fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
-    let mut listen = None;
+/// The [`Args`] of the `target` subcommand's matches: groups each `--ns` and `--allow-host`
+/// with the `--nqn` before it on the command line, then checks the whole configuration.
+pub fn from_matches(m: &ArgMatches) -> Result<Args, String> {
+    let t = TargetArgs::from_arg_matches(m).map_err(|e| e.to_string())?;
+    let at =
+        |id: &str| -> Vec<usize> { m.indices_of(id).map(Iterator::collect).unwrap_or_default() };
+    enum Opt {
+        Nqn(String),
+        Ns(String),
+        Host(String),
+    }
+    let mut opts: Vec<(usize, Opt)> = Vec::new();
+    opts.extend(
+        at("nqn")
+            .into_iter()
+            .zip(t.nqn)
+            .map(|(i, v)| (i, Opt::Nqn(v))),
+    );
+    opts.extend(at("ns").into_iter().zip(t.ns).map(|(i, v)| (i, Opt::Ns(v))));
+    opts.extend(
+        at("allow_host")
+            .into_iter()
+            .zip(t.allow_host)
+            .map(|(i, v)| (i, Opt::Host(v))),
+    );
+    opts.sort_by_key(|(i, _)| *i);
     let mut subsystems: Vec<SubsystemConfig> = Vec::new();
-    let mut buffers = BufferChoice::Auto;
-    let mut verbose = false;
-    while let Some(arg) = it.next() {
-        let mut value = |what: &str| it.next().ok_or(format!("{arg} needs {what}"));
-        match arg.as_str() {
-            "--listen" => listen = Some(parse_listen(&value("ADDR[:PORT]")?)?),
-            "--nqn" => subsystems.push(new_subsystem(value("an NQN")?)),
-            "--ns" => {
-                let spec = value("PATH[,uuid=UUID][,nguid=HEX32]")?;
+    for (_, o) in opts {
+        match o {
+            Opt::Nqn(n) => subsystems.push(new_subsystem(n)),
+            Opt::Ns(spec) => {
                 let s = subsystems
                     .last_mut()
                     .ok_or(format!("--ns {spec}: comes before any --nqn (a namespace belongs to the --nqn before it)"))?;
                 let nsid = s.namespaces.len() as u32 + 1;
                 s.namespaces.push(parse_ns(&spec, nsid)?);
             }
-            "--allow-host" => {
-                let h = value("a host NQN")?;
+            Opt::Host(h) => {
                 let s = subsystems.last_mut().ok_or(format!(
                     "--allow-host {h}: comes before any --nqn (it belongs to the --nqn before it)"
                 ))?;
@@ -174,29 +219,36 @@ pub fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
                     s.allowed_hosts.push(h);
                 }
             }
-            "--buffers" => {
-                buffers = value("p2p, host or auto")?
-                    .parse()
-                    .map_err(|e| format!("--buffers {e}"))?
-            }
-            "--verbose" => verbose = true,
-            "-h" | "--help" => return Err(String::new()),
-            other => return Err(format!("unknown option {other:?}")),
         }
-    }
-    let listen = listen.ok_or("--listen is required")?;
-    if subsystems.is_empty() {
-        return Err("--nqn is required (at least one subsystem)".into());
     }
     check(&subsystems)?;
     let a = Args {
-        listen,
+        listen: t.listen,
         subsystems,
-        buffers,
-        verbose,
+        buffers: t.buffers,
+        json: t.json || t.output_format == OutputFormat::Json,
     };
     a.config().validate().map_err(|e| e.to_string())?;
     Ok(a)
+}
+
+/// Parses the arguments after `peerpipe target` as the binary does; `Err("")` means `--help`.
+#[cfg(test)]
+pub fn parse(it: impl Iterator<Item = String>) -> Result<Args, String> {
+    use clap::CommandFactory as _;
+    let argv = ["peerpipe".to_string(), "target".to_string()]
+        .into_iter()
+        .chain(it);
+    let m = crate::Cli::command()
+        .try_get_matches_from(argv)
+        .map_err(|e| match e.kind() {
+            clap::error::ErrorKind::DisplayHelp => String::new(),
+            _ => e.to_string(),
+        })?;
+    from_matches(
+        m.subcommand_matches("target")
+            .ok_or("no target subcommand")?,
+    )
 }
 
 /// Cross-subsystem checks the configuration itself does not make.
@@ -284,6 +336,19 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(a.listen.port(), 4421);
+        let j = args(&[
+            "--listen=1.2.3.4",
+            "--nqn=n",
+            "--ns=a",
+            "--output-format=json",
+        ])
+        .unwrap();
+        assert!(j.json);
+        assert!(
+            args(&["--listen=1.2.3.4", "--nqn=n", "--ns=a", "--json"])
+                .unwrap()
+                .json
+        );
         assert_eq!(a.subsystems[0].namespaces.len(), 2);
         assert_eq!(a.subsystems[0].namespaces[1].nsid, 2);
         assert!(err(&["--nqn", "n", "--ns", "a"]).contains("--listen"));
@@ -324,7 +389,7 @@ mod tests {
             "--verbose",
         ])
         .unwrap();
-        assert!(a.verbose);
+        assert!(!a.json);
         let [sa, sb] = &a.subsystems[..] else {
             panic!("{:?}", a.subsystems)
         };
@@ -395,8 +460,9 @@ mod tests {
                 &["--nqn", "nqn.2014-08.org.nvmexpress.discovery", "--ns", "/x/a"],
                 "discovery",
             ),
-            (&["--nqn", "n", "--ns"], "--ns needs"),
-            (&["--nqn", "n", "--ns", "/x/a", "--frobnicate"], "unknown option"),
+            (&["--nqn", "n", "--ns"], "a value is required for '--ns"),
+            (&["--nqn", "n", "--ns", "/x/a", "--frobnicate"], "unexpected argument '--frobnicate'"),
+            (&["--nqn", "n", "--ns", "/x/a", "--output-format=xml"], "xml"),
         ];
         for (extra, want) in cases {
             let v: Vec<&str> = l.iter().chain(extra.iter()).copied().collect();
