@@ -129,12 +129,14 @@ pub enum Error {
     #[error("invalid request: {0}")]
     Invalid(String),
     /// The caller's new-chunk hook (e.g. RDMA MR registration) refused the chunk.
-    #[error("new-chunk hook refused chunk {chunk}: {reason}")]
+    #[error("new-chunk hook refused chunk {chunk}: {source}")]
     HookFailed {
         /// The chunk's id.
         chunk: u32,
-        /// What the hook said.
-        reason: String,
+        /// The hook's error (shared, so the pool can keep it as the reason its memory kind
+        /// is closed).
+        #[source]
+        source: std::sync::Arc<dyn std::error::Error + Send + Sync + 'static>,
     },
 }
 
@@ -188,9 +190,9 @@ impl Error {
                 errno: *errno,
             },
             Error::Invalid(s) => Error::Invalid(s.clone()),
-            Error::HookFailed { chunk, reason } => Error::HookFailed {
+            Error::HookFailed { chunk, source } => Error::HookFailed {
                 chunk: *chunk,
-                reason: reason.clone(),
+                source: source.clone(),
             },
         }
     }

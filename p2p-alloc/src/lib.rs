@@ -55,7 +55,7 @@ mod topology;
 pub use aligned::{AlignedBuf, PAGE_ALIGN};
 pub use error::{Errno, Error, Result};
 pub use mapping::{Backing, Mapping};
-pub use pool::{Buffer, ChunkHook, ChunkInfo, Placement, Pool, PoolBuilder, PoolStats};
+pub use pool::{Buffer, ChunkHook, ChunkInfo, HookError, Placement, Pool, PoolBuilder, PoolStats};
 pub use probe::{errno_name, Cell, Check, Outcome, ProbeReport, Prober, PROBE_LEN};
 pub use provider::{discover, Interface, Provider};
 pub use sysfs::SysRoot;

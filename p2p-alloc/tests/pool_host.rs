@@ -172,6 +172,8 @@ fn hook_refusal_is_a_typed_error() {
     let e = pool.alloc(4096).unwrap_err();
     assert!(matches!(e, Error::HookFailed { .. }), "{e}");
     assert!(e.to_string().contains("EFAULT"));
+    let source = std::error::Error::source(&e).expect("the hook's error is the source");
+    assert_eq!(source.to_string(), "ibv_reg_mr: EFAULT");
     assert!(pool.chunks().is_empty());
 }
 

@@ -203,10 +203,10 @@ impl Arena {
             map,
         });
         if let Some(hook) = &pool.hook {
-            if let Err(reason) = hook(&chunk.info()) {
+            if let Err(source) = hook(&chunk.info()) {
                 let e = Error::HookFailed {
                     chunk: chunk.id,
-                    reason,
+                    source: source.into(),
                 };
                 tracing::warn!(error = %e, "new-chunk hook refused a chunk");
                 self.close(e.duplicate());

@@ -55,8 +55,13 @@ pub struct ChunkInfo {
 
 /// Called once per new chunk before any buffer in it is handed out. Returning `Err`
 /// refuses the chunk: it is unmapped and this memory kind is not used again by the pool
-/// (with [`Placement::P2pPreferred`] the pool falls back to host memory).
-pub type ChunkHook = Arc<dyn Fn(&ChunkInfo) -> std::result::Result<(), String> + Send + Sync>;
+/// (with [`Placement::P2pPreferred`] the pool falls back to host memory), and the error is
+/// the source of the pool's [`Error::HookFailed`].
+pub type ChunkHook = Arc<dyn Fn(&ChunkInfo) -> std::result::Result<(), HookError> + Send + Sync>;
+
+/// Why a [`ChunkHook`] refused a chunk: any error (e.g. the RDMA layer's registration error),
+/// boxed; a `&str` or `String` converts with `.into()`.
+pub type HookError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Counters of one pool (a snapshot).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -137,7 +142,7 @@ impl PoolBuilder {
     /// A hook called for each new chunk (see [`ChunkHook`]).
     pub fn on_new_chunk(
         mut self,
-        f: impl Fn(&ChunkInfo) -> std::result::Result<(), String> + Send + Sync + 'static,
+        f: impl Fn(&ChunkInfo) -> std::result::Result<(), HookError> + Send + Sync + 'static,
     ) -> Self {
         self.hook = Some(Arc::new(f));
         self
