@@ -259,3 +259,40 @@ fn target_parses_groups_and_refuses_bad_combinations() {
         text(&o)
     );
 }
+
+/// In the VM: `peerpipe target --output-format=json` prints its stop statistics as one JSON
+/// object on stdout at SIGTERM (nothing served: zero commands), besides its stderr lines.
+#[test]
+#[ignore = "skipped: no device (testbed test; run: cargo xtask test)"]
+fn testbed_nvmf_cli_target_prints_json_statistics_at_exit() {
+    use peerpipe_testbed as tb;
+    use std::time::Duration;
+    tb::require_testbed();
+    let (_, a1) = tb::addrs();
+    let mut t = tb::spawn_watched(
+        Command::new(env!("CARGO_BIN_EXE_peerpipe"))
+            .args(["target", &format!("--listen={a1}:4439")])
+            .args(["--nqn=nqn.2026-11.io.peerpipe:cli-json", "--ns"])
+            .arg(tb::drive("data3").block)
+            .args(["--buffers=host", "--output-format=json"]),
+        "peerpipe target",
+    );
+    t.wait_line("target: listening on", Duration::from_secs(60));
+    let k = tb::run(
+        Command::new("kill").args(["-TERM", &t.id().to_string()]),
+        Duration::from_secs(10),
+    );
+    assert!(k.status.success(), "{}", tb::text(&k));
+    let o = t.finish(Duration::from_secs(90));
+    assert!(o.status.success(), "{}", tb::text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("stop statistics JSON");
+    assert_eq!(v["commands"], 0, "{v}");
+    assert_eq!(v["errors"], 0, "{v}");
+    assert_eq!(v["payload_bytes_copied"], 0, "{v}");
+    assert!(
+        v["rdma_read_bytes"].is_u64() && v["rdma_write_bytes"].is_u64(),
+        "{v}"
+    );
+    assert!(v["error"].is_null(), "{v}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("target: stopped;"));
+}

@@ -107,6 +107,7 @@ fn replica(listen: &str, target: &Path, bufs: &str) -> tb::Watched {
             bufs,
             "--timeout",
             "30",
+            "--output-format=json",
         ],
         &format!("replica {listen}"),
     )
@@ -280,6 +281,12 @@ fn replicate_and_check(bufs: &str, targets: &[&str], port0: u16) {
         assert!(ro.status.success(), "{}", tb::text(&ro));
         let err = String::from_utf8_lossy(&ro.stderr);
         assert!(err.contains("payload bytes copied by the CPU: 0"), "{err}");
+        // The replica's own --output-format=json summary agrees.
+        let rs = summary(&stdout(&ro));
+        assert_eq!(rs["end"], "fin", "{rs}");
+        assert_eq!(rs["blocks_written"], blocks, "{rs}");
+        assert_eq!(rs["bytes_written"], LEN, "{rs}");
+        assert_eq!(rs["payload_bytes_copied"], 0, "{rs}");
         assert!(
             read_range(&dev, OFFSET, LEN) == want,
             "{} differs",
@@ -583,8 +590,12 @@ fn testbed_replicator_replica_exits_3_when_primary_is_killed() {
         tb::text(&po)
     );
     assert!(rerr.contains("before fin"), "{rerr}");
+    let rs = summary(&stdout(&ro));
+    assert_eq!(rs["end"], "primary_gone", "{rs}");
+    assert!(rs["primary_gone"].is_string(), "{rs}");
     // The kill landed mid-run: the replica wrote what was acked, and not the whole range.
     let wrote = blocks_written(&rerr);
+    assert_eq!(rs["blocks_written"], wrote, "{rs}");
     assert!(
         wrote >= acked && wrote < FAULT_BLOCKS,
         "replica wrote {wrote} blocks, {acked} acked at the kill"

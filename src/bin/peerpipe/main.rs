@@ -22,10 +22,10 @@ use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 )]
 pub(crate) struct Cli {
     /// More log output on stderr (-v info, -vv debug, -vvv trace); RUST_LOG overrides
-    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    #[arg(short, long, action = clap::ArgAction::Count, global = true, help_heading = "Logging")]
     verbose: u8,
     /// Less log output on stderr (-q errors only, -qq nothing); RUST_LOG overrides
-    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    #[arg(short, long, action = clap::ArgAction::Count, global = true, help_heading = "Logging")]
     quiet: u8,
     #[command(subcommand)]
     command: Command,
