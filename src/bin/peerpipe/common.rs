@@ -21,6 +21,22 @@ exit codes:
      replicated by the primary; the summary line says how many blocks were written. It is
      distinct from 0 because this replica does not hold the whole range.";
 
+/// The `--output-format=json` summary of `peerpipe replicate`, printed by its `--help`.
+pub const PRIMARY_JSON: &str = "\
+--output-format=json: one object on stdout at the end (MB = 10^6 bytes, ranges [start,end)):
+  {\"success\":bool,\"replicas\":N,\"buffers\":\"p2p|host\",\"copy\":\"none|bounce\",
+   \"wait\":\"events|busy\",\"block_size\":N,\"window\":N,\"bytes\":N,\"blocks\":N,
+   \"replicated_bytes\":N,\"seconds\":F,\"mb_per_s\":F,\"iops\":F,
+   \"latency_us\":{\"p50\":F,\"p99\":F,\"p999\":F,\"max\":F},\"cpu_seconds\":F,
+   \"payload_bytes_copied\":N,\"verified_blocks\":N,\"unreplicated\":[[start,end],...],
+   \"mismatches\":[[[start,end],...] per replica],\"replica_errors\":[null|\"why\" per replica]}";
+
+/// The `--output-format=json` summary of `peerpipe replica`, printed by its `--help`.
+pub const REPLICA_JSON: &str = "\
+--output-format=json: one object on stdout at exit:
+  {\"end\":\"fin|primary_gone\",\"primary_gone\":null|\"why\",\"blocks_written\":N,
+   \"bytes_written\":N,\"failed_blocks\":N,\"payload_bytes_copied\":N,\"cpu_seconds\":F}";
+
 /// The trust model, printed by both roles' `--help`.
 pub const TRUST: &str = "\
 PATH: /dev/ngXnY (NVMe passthrough), a block device or a file (O_DIRECT). Sizes take K/M/G

@@ -38,10 +38,10 @@ enum Command {
     /// and the capability probe (exit 0, or 1 when the system cannot be read)
     Info(info::Info),
     /// Replicate a byte range of a drive to replicas over RDMA (the primary)
-    #[command(after_help = format!("{}\n\n{}", common::TRUST, common::EXIT_CODES))]
+    #[command(after_help = format!("{}\n\n{}\n\n{}", common::TRUST, common::PRIMARY_JSON, common::EXIT_CODES))]
     Replicate(replicate::Replicate),
     /// Receive a replicated range from a primary and write it to a drive
-    #[command(after_help = format!("{}\n\n{}", common::TRUST, common::EXIT_CODES))]
+    #[command(after_help = format!("{}\n\n{}\n\n{}", common::TRUST, common::REPLICA_JSON, common::EXIT_CODES))]
     Replica(replica::Replica),
     /// Serve namespaces to NVMe over Fabrics (RDMA) hosts until SIGINT or SIGTERM
     #[command(after_help = target::args::AFTER_HELP)]
