@@ -75,7 +75,7 @@ fn secret_file() -> String {
     p.to_str().expect("utf-8").to_string()
 }
 
-/// Starts `replicator replica` with `args` and returns once it prints that it listens. Unless
+/// Starts `peerpipe replica` with `args` and returns once it prints that it listens. Unless
 /// `args` say who may connect, the test primary's address and the shared secret are allowed.
 fn replica_with(args: &[&str], what: &str) -> tb::Watched {
     let mut cmd = Command::new(bin());
