@@ -3,6 +3,7 @@
 //! WRITE -> replica buffer -> drive. The engine (`peerpipe::pipeline::engine`) does all the
 //! I/O; this file holds the options, shows progress and prints the summary.
 
+use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -33,7 +34,8 @@ pub struct Replicate {
     #[arg(long, value_name = "B", value_parser = parse_size)]
     pub rate: Option<u64>,
     /// Print a `progress:` line to stderr every S seconds (fractions allowed), also when
-    /// stderr is not a terminal (default: a progress line on a terminal for runs >= 64M)
+    /// stderr is not a terminal (default: a progress bar with rate, ETA and per-replica lag
+    /// when stderr is a terminal, nothing otherwise)
     #[arg(long, value_name = "S", value_parser = parse_seconds)]
     pub status_interval: Option<Duration>,
     #[command(flatten)]
@@ -183,13 +185,16 @@ fn run(o: &Replicate) -> Result<bool, EngineError> {
         engine.backend(),
         o.shared.wait
     ));
-    let progress = layout.len() >= (64 << 20) && !json;
-    let mut shown = false;
+    // A progress bar only for a person watching: stderr is a terminal, no JSON, no
+    // `progress:` lines asked for.
+    let bar = (o.status_interval.is_none() && !json && std::io::stderr().is_terminal())
+        .then(|| progress_bar(layout.len()));
     let report = engine.run_with(&mut |ev| {
         if let Event::Progress {
             blocks,
             bytes,
             elapsed,
+            per_replica,
         } = ev
         {
             if o.status_interval.is_some() {
@@ -198,22 +203,44 @@ fn run(o: &Replicate) -> Result<bool, EngineError> {
                     layout.blocks(),
                     elapsed.as_secs_f64()
                 ));
-            } else if progress {
-                shown = true;
-                eprint!(
-                    "\r{:5.1}% {blocks}/{} blocks {:.1} MB/s   ",
-                    100.0 * bytes as f64 / layout.len() as f64,
-                    layout.blocks(),
-                    bytes as f64 / elapsed.as_secs_f64() / 1e6
-                );
+            } else if let Some(bar) = &bar {
+                bar.set_position(bytes);
+                bar.set_message(lag_text(&per_replica));
             }
         }
     })?;
-    if shown {
-        eprintln!();
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
     }
     print_summary(o, &report);
     Ok(report.outcome.success)
+}
+
+/// A bar over the range's bytes: bytes acked by every replica, rate, ETA, and the lag message.
+fn progress_bar(len: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    // The template is a constant and valid: fall back to the default style if not.
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{bar:30} {bytes}/{total_bytes} acked by every replica, {binary_bytes_per_sec}, ETA {eta} {msg}",
+    ) {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// How far each replica lags behind the one furthest ahead, in blocks acked
+/// ("lag: r0 0, r1 12 blocks"); empty with a single replica.
+fn lag_text(per_replica: &[u64]) -> String {
+    if per_replica.len() < 2 {
+        return String::new();
+    }
+    let lead = per_replica.iter().copied().max().unwrap_or(0);
+    let parts: Vec<String> = per_replica
+        .iter()
+        .enumerate()
+        .map(|(r, &n)| format!("r{r} {}", lead - n))
+        .collect();
+    format!("lag: {} blocks", parts.join(", "))
 }
 
 fn print_summary(o: &Replicate, rep: &PrimaryReport) {
@@ -265,5 +292,17 @@ pub fn main(o: &Replicate) -> ExitCode {
             eprintln!("peerpipe replicate: {e}");
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lag_text;
+
+    #[test]
+    fn lag_is_behind_the_leading_replica() {
+        assert_eq!(lag_text(&[]), "");
+        assert_eq!(lag_text(&[7]), "");
+        assert_eq!(lag_text(&[10, 4, 10]), "lag: r0 0, r1 6, r2 0 blocks");
     }
 }

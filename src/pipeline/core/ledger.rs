@@ -61,6 +61,8 @@ pub struct Ledger {
     states: Vec<BlockState>,
     /// Number of (block, replica) pairs acked.
     acked: u64,
+    /// Blocks acked `Ok` per replica.
+    acked_by: Vec<u64>,
     /// First error status seen per replica (for the report).
     first_error: Vec<Option<(u64, Status)>>,
 }
@@ -74,6 +76,7 @@ impl Ledger {
             replicas,
             states: vec![BlockState::Pending; n.saturating_mul(replicas)],
             acked: 0,
+            acked_by: vec![0; replicas],
             first_error: vec![None; replicas],
         }
     }
@@ -145,6 +148,7 @@ impl Ledger {
         if status.is_ok() {
             self.transition(seq, replica, BlockState::Sent, BlockState::Acked)?;
             self.acked += 1;
+            self.acked_by[replica] += 1;
         } else {
             self.transition(seq, replica, BlockState::Sent, BlockState::Failed)?;
             if self.first_error[replica].is_none() {
@@ -168,6 +172,11 @@ impl Ledger {
             }
         }
         n
+    }
+
+    /// Blocks `replica` acked `Ok` so far (0 for a replica out of range).
+    pub fn acked_blocks(&self, replica: usize) -> u64 {
+        self.acked_by.get(replica).copied().unwrap_or(0)
     }
 
     /// True when `seq` is acked by every replica.
@@ -304,6 +313,8 @@ mod tests {
             g.acked(seq, 0, Status::Ok).unwrap();
         }
         assert!(!g.all_replicated(), "replica 1 has acked nothing");
+        assert_eq!((g.acked_blocks(0), g.acked_blocks(1)), (10, 0));
+        assert_eq!(g.acked_blocks(2), 0, "no such replica");
         assert!(g.unreplicated_on(0).is_empty());
         assert_eq!(g.unreplicated_on(1), vec![l.range()]);
         for seq in 0..l.blocks() {

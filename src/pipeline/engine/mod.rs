@@ -462,6 +462,8 @@ pub enum Event {
         bytes: u64,
         /// Since the run started.
         elapsed: Duration,
+        /// Blocks each replica acked so far, in `--replica` order (how far each one lags).
+        per_replica: Vec<u64>,
     },
 }
 

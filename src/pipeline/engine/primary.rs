@@ -515,11 +515,16 @@ impl Role for PrimaryRole<'_> {
     fn end_of_turn(&mut self) {
         if self.last_report.elapsed() >= self.cfg.progress_every {
             self.last_report = Instant::now();
-            let (blocks, bytes) = self.core.ledger().replicated_blocks_bytes();
+            let ledger = self.core.ledger();
+            let (blocks, bytes) = ledger.replicated_blocks_bytes();
+            let per_replica = (0..ledger.replicas())
+                .map(|r| ledger.acked_blocks(r))
+                .collect();
             (self.observe)(Event::Progress {
                 blocks,
                 bytes,
                 elapsed: self.t0.elapsed(),
+                per_replica,
             });
         }
     }
