@@ -132,6 +132,7 @@ impl Link {
         slots: &Slots,
         secret: Option<&Secret>,
     ) -> Result<Link, EngineError> {
+        let _setup = tracing::info_span!("connect", replica = r, %dst).entered();
         let give_up = Instant::now() + timeout;
         loop {
             let err = |op, source| EngineError::Connect {
@@ -192,6 +193,7 @@ impl Link {
         slots: &Slots,
         private_data: Vec<u8>,
     ) -> Result<Link, EngineError> {
+        let _setup = tracing::info_span!("accept", peer = ?req.peer_addr()).entered();
         let (pd, cq, recv) = resources(req.context(), wait)?;
         // SAFETY: the regions live in the Link, which the engine drops before its slots.
         // Offset-based addresses: the windows the primary writes through name no VA of ours.

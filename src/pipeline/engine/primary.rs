@@ -138,6 +138,8 @@ impl PrimaryEngine {
         observe: &mut dyn FnMut(Event),
     ) -> Result<PrimaryReport, EngineError> {
         let cfg = &self.cfg;
+        let _run =
+            tracing::info_span!("run", role = "primary", replicas = cfg.replicas.len()).entered();
         let mut links = Vec::with_capacity(cfg.replicas.len());
         for (r, dst) in cfg.replicas.iter().enumerate() {
             links.push(Link::connect(
@@ -262,6 +264,8 @@ impl PrimaryRole<'_> {
                 }
             }
             PrimaryAction::Read { seq, offset, len } => {
+                let _block = tracing::debug_span!("block", seq).entered();
+                tracing::debug!(offset, len, "read from the source");
                 let s = self
                     .free
                     .pop()
@@ -290,6 +294,8 @@ impl PrimaryRole<'_> {
                 seq,
                 remote,
             } => {
+                let _block = tracing::debug_span!("block", seq).entered();
+                tracing::debug!(replica, len = remote.len, "RDMA WRITE to the replica");
                 let s = *self
                     .slot_of
                     .get(&seq)

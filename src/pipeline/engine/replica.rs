@@ -135,6 +135,7 @@ impl ReplicaEngine {
         mut self,
         observe: &mut dyn FnMut(Event),
     ) -> Result<ReplicaReport, EngineError> {
+        let _run = tracing::info_span!("run", role = "replica").entered();
         let deadline = Instant::now() + self.cfg.accept_timeout;
         // Connections that are refused (address, proof) do not end the wait for the primary.
         let link = loop {
@@ -322,6 +323,8 @@ impl ReplicaRole<'_> {
                 }
             }
             ReplicaAction::Advertise { slot, seq, len } => {
+                let _block = tracing::debug_span!("block", seq).entered();
+                tracing::debug!(slot, len, "advertise a buffer");
                 if u64::from(len) > block_max {
                     let m = Message::Abort {
                         status: Status::Refused(1),
@@ -364,6 +367,8 @@ impl ReplicaRole<'_> {
                 offset,
                 len,
             } => {
+                let _block = tracing::debug_span!("block", seq).entered();
+                tracing::debug!(slot, offset, len, "write to the drive");
                 // Revoke the window before the drive reads the buffer.
                 self.pending_write.insert(slot, (seq, offset, len));
                 link.queue(SendRequest::new(

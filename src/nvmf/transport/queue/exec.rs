@@ -105,6 +105,14 @@ impl Queue<'_> {
             .read_at(slot * SQE_LEN, &mut raw)
             .map_err(rdma_err("read SQE"))?;
         let cmd = Command::parse(&raw).map_err(|e| QueueError::Protocol(e.to_string()))?;
+        let _cmd = tracing::trace_span!(
+            "cmd",
+            qid = self.qid,
+            cid = cmd.cid(),
+            opcode = cmd.opcode()
+        )
+        .entered();
+        tracing::trace!(len = byte_len, "capsule");
         self.shared.stats.commands.fetch_add(1, Ordering::Relaxed);
         let data_len = byte_len - SQE_LEN;
         let idx = self.new_cmd(Cmd {
@@ -427,7 +435,10 @@ impl Queue<'_> {
 
     pub(super) fn on_io_done(&mut self, d: IoDone) -> Result<(), QueueError> {
         let idx = d.tag as usize;
+        let qid = self.qid;
         let cmd = self.cmd(idx)?;
+        let _cmd = tracing::trace_span!("cmd", qid, cid = cmd.cid).entered();
+        tracing::trace!(result = ?d.result, "backend I/O done");
         cmd.ios_left = cmd.ios_left.saturating_sub(1);
         if let Err(e) = d.result {
             cmd.io_err.get_or_insert(e);
