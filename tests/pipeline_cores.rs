@@ -605,7 +605,7 @@ mod engine_config {
         assert_eq!(WaitMode::default(), WaitMode::Events);
         assert_eq!(WaitMode::BusyPoll.to_string(), "busy");
         let (what, reason) = invalid("spin".parse::<WaitMode>().unwrap_err());
-        assert_eq!(what, "--wait");
+        assert_eq!(what, "wait");
         assert!(reason.contains("events or busy"), "{reason}");
         assert_eq!("host".parse::<BufferChoice>().unwrap(), BufferChoice::Host);
         assert_eq!("p2p".parse::<BufferChoice>().unwrap(), BufferChoice::P2p);
@@ -620,22 +620,22 @@ mod engine_config {
         let ok = PrimaryConfig::new("/dev/ng1n1").replica(addr());
         ok.validate().unwrap();
         let (what, _) = invalid(PrimaryConfig::new("/dev/ng1n1").validate().unwrap_err());
-        assert_eq!(what, "--replica");
+        assert_eq!(what, "replicas");
         let (what, _) = invalid(
             PrimaryConfig::new("")
                 .replica(addr())
                 .validate()
                 .unwrap_err(),
         );
-        assert_eq!(what, "--source");
+        assert_eq!(what, "source");
         for w in [0, 1025] {
             let (what, reason) = invalid(ok.clone().window(w).validate().unwrap_err());
-            assert_eq!(what, "--window");
+            assert_eq!(what, "window");
             assert!(reason.contains("1..=1024"), "{reason}");
         }
         ok.clone().window(1024).validate().unwrap();
         let (what, _) = invalid(ok.clone().timeout(Duration::ZERO).validate().unwrap_err());
-        assert_eq!(what, "--timeout");
+        assert_eq!(what, "timeout");
     }
 
     #[test]
@@ -643,13 +643,13 @@ mod engine_config {
         let ok = ReplicaConfig::new("/dev/ng2n1", addr());
         ok.validate().unwrap();
         let (what, _) = invalid(ok.clone().block_size(0).validate().unwrap_err());
-        assert_eq!(what, "--block-size");
+        assert_eq!(what, "block_size");
         let (what, _) = invalid(ok.clone().block_size(1 << 40).validate().unwrap_err());
-        assert_eq!(what, "--block-size");
+        assert_eq!(what, "block_size");
         let (what, _) = invalid(ok.clone().window(0).validate().unwrap_err());
-        assert_eq!(what, "--window");
+        assert_eq!(what, "window");
         let (what, _) = invalid(ReplicaConfig::new("", addr()).validate().unwrap_err());
-        assert_eq!(what, "--target");
+        assert_eq!(what, "target");
     }
 
     #[test]

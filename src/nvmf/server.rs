@@ -53,7 +53,7 @@ pub enum TargetError {
         source: alloc::Error,
     },
     /// p2pmem buffers were required but are not usable here.
-    #[error("--buffers p2p: {0}")]
+    #[error("p2p buffers: {0}")]
     NoP2pMem(String),
     /// The RDMA listener failed.
     #[error(transparent)]
@@ -286,7 +286,7 @@ impl Target {
         }
         let core = TargetCore::new(&cfg, infos)?;
         let (pool, info) = match buffers {
-            BufferChoice::Host => host_pool(&cfg, "--buffers host".into())?,
+            BufferChoice::Host => host_pool(&cfg, "asked for".into())?,
             BufferChoice::P2p => p2p_pool(&cfg, &backends)?.map_err(TargetError::NoP2pMem)?,
             BufferChoice::Auto => match p2p_pool(&cfg, &backends)? {
                 Ok(p) => p,

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use peerpipe::pipeline::engine::{BufferChoice, CopyMode, WaitMode};
+use peerpipe::pipeline::engine::{BufferChoice, CopyMode, EngineError, WaitMode};
 
 /// The exit codes of both roles, printed by `--help` (scripts and tests rely on them).
 pub const EXIT_CODES: &str = "\
@@ -168,5 +168,54 @@ pub fn print_json<T: serde::Serialize>(value: &T) {
     match serde_json::to_string(value) {
         Ok(s) => println!("{s}"),
         Err(e) => eprintln!("peerpipe: JSON encoding failed: {e}"),
+    }
+}
+
+/// An engine error as the command line prints it: the library speaks of its configuration
+/// fields, the command line names the option that sets them and adds what to try.
+pub fn engine_error_text(e: &EngineError) -> String {
+    match e {
+        EngineError::InvalidConfig { what, reason } => format!("{}: {reason}", option_of(what)),
+        EngineError::NoP2pMem(_) => format!("{e} (--buffers host)"),
+        EngineError::BlockTooLarge { got, .. } => format!("{e} (peerpipe replica --bs {got})"),
+        EngineError::Refused { .. } => {
+            format!("{e} (check --secret-file on both sides and the replica's --allow-primary)")
+        }
+        _ => e.to_string(),
+    }
+}
+
+/// The command-line option of an engine configuration field.
+fn option_of(field: &str) -> &str {
+    match field {
+        "source" => "--source",
+        "replicas" => "--replica",
+        "target" => "--target",
+        "block_size" => "--bs",
+        "window" => "--iodepth",
+        "timeout" => "--timeout",
+        "buffers" => "--buffers",
+        "copy" => "--copy",
+        "wait" => "--wait",
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_errors_name_the_options() {
+        let e: EngineError = "spin".parse::<WaitMode>().unwrap_err();
+        assert!(engine_error_text(&e).starts_with("--wait: "), "{e}");
+        assert!(
+            !e.to_string().contains("--"),
+            "the library speaks its own terms: {e}"
+        );
+        let e = EngineError::NoP2pMem("out of p2pmem".into());
+        assert!(engine_error_text(&e).ends_with("(--buffers host)"));
+        assert_eq!(option_of("block_size"), "--bs");
+        assert_eq!(option_of("window"), "--iodepth");
     }
 }

@@ -128,7 +128,7 @@ pub fn main(o: &Replica) -> ExitCode {
     match run(o) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("peerpipe replica: {e}");
+            eprintln!("peerpipe replica: {}", crate::common::engine_error_text(&e));
             ExitCode::from(2)
         }
     }

@@ -289,7 +289,10 @@ pub fn main(o: &Replicate) -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
-            eprintln!("peerpipe replicate: {e}");
+            eprintln!(
+                "peerpipe replicate: {}",
+                crate::common::engine_error_text(&e)
+            );
             ExitCode::from(2)
         }
     }

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use peerpipe::nvmf::server::Target;
+use peerpipe::nvmf::server::{Target, TargetError};
 
 #[path = "target_args.rs"]
 pub mod args;
@@ -61,7 +61,11 @@ pub fn main(a: args::Args) -> ExitCode {
     let target = match Target::with_buffers(cfg, a.buffers) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("peerpipe target: {e}");
+            let hint = match e {
+                TargetError::NoP2pMem(_) => " (--buffers p2p: try --buffers auto or host)",
+                _ => "",
+            };
+            eprintln!("peerpipe target: {e}{hint}");
             return ExitCode::FAILURE;
         }
     };

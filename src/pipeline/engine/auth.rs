@@ -216,7 +216,7 @@ impl ReplicaAccess {
 #[non_exhaustive]
 pub(crate) enum AuthError {
     /// The primary: the replica's accept data carries no proof.
-    #[error("the replica did not prove the shared secret (is it started with --secret-file?)")]
+    #[error("the replica did not prove the shared secret (was it given the shared secret?)")]
     NoReplicaProof,
     /// The primary: the replica's proof does not match our secret.
     #[error("the replica's proof of the shared secret is wrong (different secrets?)")]
@@ -275,10 +275,10 @@ pub(crate) fn reject_reason(private_data: &[u8]) -> Option<&'static str> {
     match private_data {
         [a, b, c, d, code, ..] if [*a, *b, *c, *d] == MAGIC => Some(match *code {
             NOT_ALLOWED => {
-                "the replica does not allow this primary's address (its --allow-primary list)"
+                "the replica does not allow this primary's address (its allow-list of primaries)"
             }
             AUTH_REQUIRED => {
-                "the replica requires a proof of its shared secret (give the primary --secret-file)"
+                "the replica requires a proof of its shared secret (give the primary the same secret)"
             }
             _ => "the replica refused the connection",
         }),
@@ -379,7 +379,7 @@ mod tests {
         assert!(matches!(missing, AuthError::NoReplicaProof));
         assert_eq!(
             missing.to_string(),
-            "the replica did not prove the shared secret (is it started with --secret-file?)"
+            "the replica did not prove the shared secret (was it given the shared secret?)"
         );
     }
 }

@@ -131,7 +131,7 @@ impl Drive {
             let ns = Namespace::open(path).map_err(open_err)?;
             if write && !ns.writable() {
                 return Err(EngineError::config(
-                    "--target",
+                    "target",
                     format!("{} opened read-only: run as root", path.display()),
                 ));
             }

@@ -20,7 +20,9 @@ pub enum EngineError {
     /// A configuration value is out of range or missing.
     #[error("{what}: {reason}")]
     InvalidConfig {
-        /// The setting (named like the replicator's command-line option).
+        /// The setting, named like the [`PrimaryConfig`](super::PrimaryConfig) /
+        /// [`ReplicaConfig`](super::ReplicaConfig) field (`source`, `replicas`, `target`,
+        /// `block_size`, `window`, `timeout`, `buffers`, `copy`, `wait`).
         what: &'static str,
         /// What is wrong and what to use instead.
         reason: String,
@@ -65,8 +67,8 @@ pub enum EngineError {
         #[source]
         source: crate::p2p_alloc::Error,
     },
-    /// `--buffers p2p` was asked for, but no provider can serve it.
-    #[error("--buffers p2p: {0}; use --buffers host")]
+    /// p2p buffers were asked for, but no provider can serve them.
+    #[error("p2p buffers: {0}; use host buffers")]
     NoP2pMem(String),
     /// An RDMA setup or posting step failed.
     #[error("{op}: {source}")]
@@ -123,7 +125,7 @@ pub enum EngineError {
     #[error("protocol error from the primary: {0}")]
     Protocol(#[source] ProtocolError),
     /// The primary's blocks are larger than this replica's buffers.
-    #[error("the primary's block size {got} exceeds this replica's --block-size {max}: start the replica with --block-size {got} or more")]
+    #[error("the primary's block size {got} exceeds this replica's largest block size {max}: start the replica with a block size of {got} or more")]
     BlockTooLarge {
         /// The primary's block size.
         got: u32,

@@ -84,7 +84,7 @@ impl FromStr for WaitMode {
             "events" => Ok(WaitMode::Events),
             "busy" => Ok(WaitMode::BusyPoll),
             v => Err(EngineError::config(
-                "--wait",
+                "wait",
                 format!("{v:?}: use events or busy"),
             )),
         }
@@ -117,7 +117,7 @@ impl FromStr for BufferChoice {
             "p2p" => Ok(BufferChoice::P2p),
             "host" => Ok(BufferChoice::Host),
             v => Err(EngineError::config(
-                "--buffers",
+                "buffers",
                 format!("{v}: use p2p or host"),
             )),
         }
@@ -151,7 +151,7 @@ impl FromStr for CopyMode {
             "none" => Ok(CopyMode::None),
             "bounce" => Ok(CopyMode::Bounce),
             v => Err(EngineError::config(
-                "--copy",
+                "copy",
                 format!("{v}: use bounce or none"),
             )),
         }
@@ -161,7 +161,7 @@ impl FromStr for CopyMode {
 fn check_window(window: u32) -> Result<(), EngineError> {
     if window == 0 || window > MAX_WINDOW {
         return Err(EngineError::config(
-            "--window",
+            "window",
             format!("{window}: must be 1..={MAX_WINDOW}"),
         ));
     }
@@ -170,10 +170,7 @@ fn check_window(window: u32) -> Result<(), EngineError> {
 
 fn check_timeout(t: Duration) -> Result<(), EngineError> {
     if t.is_zero() {
-        return Err(EngineError::config(
-            "--timeout",
-            "must be at least 1 second",
-        ));
+        return Err(EngineError::config("timeout", "must be at least 1 second"));
     }
     Ok(())
 }
@@ -310,11 +307,11 @@ impl PrimaryConfig {
     /// outside 1..=1024, a zero timeout.
     pub fn validate(&self) -> Result<(), EngineError> {
         if self.source.as_os_str().is_empty() {
-            return Err(EngineError::config("--source", "is required"));
+            return Err(EngineError::config("source", "is required"));
         }
         if self.replicas.is_empty() {
             return Err(EngineError::config(
-                "--replica",
+                "replicas",
                 "the primary needs at least one replica ADDR:PORT",
             ));
         }
@@ -426,11 +423,11 @@ impl ReplicaConfig {
     /// above 64 MiB, a window outside 1..=1024, a zero timeout.
     pub fn validate(&self) -> Result<(), EngineError> {
         if self.target.as_os_str().is_empty() {
-            return Err(EngineError::config("--target", "is required"));
+            return Err(EngineError::config("target", "is required"));
         }
         if self.block_size == 0 || self.block_size > u64::from(crate::protocol::MAX_BLOCK_SIZE) {
             return Err(EngineError::config(
-                "--block-size",
+                "block_size",
                 format!(
                     "{}: must be 1..={} bytes",
                     self.block_size,

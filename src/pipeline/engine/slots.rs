@@ -144,7 +144,7 @@ impl Slots {
                         what: "host buffer pool".into(),
                         source,
                     })?,
-                "--buffers host".to_string(),
+                "asked for".to_string(),
             ),
             BufferChoice::P2p => {
                 let providers = alloc::discover(&alloc::SysRoot::live()).map_err(|source| {
