@@ -4,7 +4,8 @@
 //! ```text
 //! server: rdma_bw [bw|lat] [--bind ADDR] [-p PORT] [-u QP_TIMEOUT]
 //! client: rdma_bw [bw|lat] [-s SIZE] [-n ITERS] [-t TX_DEPTH] [-l POST_LIST] [-Q CQ_MOD]
-//!                 [-u QP_TIMEOUT] [--source_ip ADDR] [-p PORT] SERVER
+//!                 [-u QP_TIMEOUT] [--source_ip ADDR] [-p PORT] [-d DEVICE]
+//!                 [-D SECS] [-a] [--report_gbits] SERVER
 //! ```
 //! (clap: `--opt=value`, `-h/--help`, `--version`, exit status 2 on usage errors; `RUST_LOG`
 //! for the library's logs.) The client sends the test parameters and its buffer in the connect private data; the
@@ -42,7 +43,18 @@ struct Opts {
     bind: Option<IpAddr>,
     source: Option<IpAddr>,
     server: Option<IpAddr>,
+    /// Run each size this long instead of `iters` times (perftest `-D`).
+    duration: Option<Duration>,
+    /// Every size from 2 B to 8 MiB, doubling (perftest `-a`).
+    all_sizes: bool,
+    /// Bandwidth in Gb/s instead of MiB/s (perftest `--report_gbits`).
+    gbits: bool,
+    /// The RDMA device the connection must be on (perftest `-d`).
+    ib_dev: Option<String>,
 }
+
+/// perftest's `-a` sizes: 2 B to 8 MiB.
+const ALL_SIZES: std::ops::RangeInclusive<u32> = 1..=23;
 
 /// RDMA WRITE bandwidth / latency in the style of perftest (its flag names; BW in MiB/s).
 #[derive(Debug, clap::Parser)]
@@ -82,6 +94,20 @@ struct Cli {
     /// Connect through rdma_cm (perftest -R; always on here)
     #[arg(short = 'R', long = "rdma_cm")]
     rdma_cm: bool,
+    /// Client, bw: run for SECS seconds per size instead of -n iterations (perftest -D)
+    #[arg(short = 'D', long = "duration", value_name = "SECS")]
+    duration: Option<u64>,
+    /// Client, bw: every size from 2 B to 8 MiB, doubling, one row each (perftest -a)
+    #[arg(short = 'a', long = "all")]
+    all: bool,
+    /// Client, bw: report bandwidth in Gb/s (10^9 bits/s) instead of MiB/s (perftest
+    /// --report_gbits)
+    #[arg(long = "report_gbits")]
+    report_gbits: bool,
+    /// Client: the RDMA device the connection must use (perftest -d; rdma_cm picks the device
+    /// by address, so this checks it)
+    #[arg(short = 'd', long = "ib-dev", value_name = "DEVICE")]
+    ib_dev: Option<String>,
 }
 
 fn parse() -> Opts {
@@ -119,7 +145,25 @@ fn parse() -> Opts {
         bind: c.bind,
         source: c.source_ip,
         server,
+        duration: c.duration.map(Duration::from_secs),
+        all_sizes: c.all,
+        gbits: c.report_gbits,
+        ib_dev: c.ib_dev,
     };
+    if o.mode == Mode::Lat && (o.duration.is_some() || o.all_sizes || o.gbits) {
+        fail("-D, -a and --report_gbits apply to bw only".into());
+    }
+    if o.server.is_none() && (o.duration.is_some() || o.all_sizes || o.gbits || o.ib_dev.is_some())
+    {
+        fail("-D, -a, --report_gbits and -d are client options (give the server's address)".into());
+    }
+    if o.duration == Some(Duration::ZERO) {
+        fail("-D must be at least 1 second".into());
+    }
+    if o.all_sizes {
+        // One buffer for every size: the largest.
+        o.size = 1 << ALL_SIZES.end();
+    }
     if o.iters == 0 {
         o.iters = if o.mode == Mode::Bw { 5000 } else { 1000 };
     }
@@ -357,6 +401,17 @@ fn connect(
 )> {
     let c = Connector::resolve(o.source, SocketAddr::new(server, o.port), T)?;
     let ctx = c.context().clone();
+    if let Some(want) = &o.ib_dev {
+        if ctx.name() != want.as_str() {
+            return Err(Error::InvalidArgument {
+                op: "rdma_bw client",
+                reason: format!(
+                    "{server} is reached through {}, not {want} (rdma_cm picks the device by address: use --source_ip)",
+                    ctx.name()
+                ),
+            });
+        }
+    }
     let pd = ProtectionDomain::new(&ctx)?;
     let cq = make_cq(&ctx)?;
     let access = if o.mode == Mode::Lat {
@@ -395,16 +450,102 @@ fn run_bw(o: &Opts, server: IpAddr) -> Result<()> {
     let (conn, _pd, cq, src, remote) = connect(o, server)?;
     let depth = conn.caps().max_send_wr.min(o.tx_depth) as u64;
     let cq_mod = u64::from(o.cq_mod).clamp(1, depth);
-    let iters = o.iters;
+    let post_list = o.post_list.min(depth as u32);
+    let unit = if o.gbits { "Gb/sec" } else { "MB/sec" };
+    println!(
+        "---------------------------------------------------------------------------------------"
+    );
+    println!("                    RDMA_Write BW Test (peerpipe-rdma)");
+    println!(
+        " Device: {}  TX depth: {depth}  CQ moderation: {cq_mod}  Post list: {post_list}",
+        conn.context().name(),
+    );
+    println!(
+        "---------------------------------------------------------------------------------------"
+    );
+    println!(" #bytes     #iterations    BW peak[{unit}]    BW average[{unit}]   MsgRate[Mpps]");
+    let sizes: Vec<usize> = if o.all_sizes {
+        ALL_SIZES.map(|k| 1usize << k).collect()
+    } else {
+        vec![o.size]
+    };
+    for size in sizes {
+        let remote = RemoteBuf {
+            len: size as u32,
+            ..remote
+        };
+        let r = measure(o, &conn, &cq, &src, remote, depth, cq_mod, post_list)?;
+        // MiB/s like perftest's MB/sec column, or Gb/s with --report_gbits.
+        let scale = |bytes_per_s: f64| {
+            if o.gbits {
+                bytes_per_s * 8.0 / 1e9
+            } else {
+                bytes_per_s / 1048576.0
+            }
+        };
+        let secs = r.elapsed.as_secs_f64();
+        println!(
+            " {:<10} {:<16} {:<18.2} {:<20.2} {:.6}",
+            size,
+            r.iters,
+            scale(r.peak_bytes_per_s),
+            scale(r.iters as f64 * size as f64 / secs),
+            r.iters as f64 / secs / 1e6
+        );
+    }
+    println!(
+        "---------------------------------------------------------------------------------------"
+    );
+    conn.disconnect(Duration::from_secs(5))?;
+    Ok(())
+}
+
+/// One size's run.
+struct BwRun {
+    iters: u64,
+    elapsed: Duration,
+    /// Best rate between consecutive signalled completions (like perftest's peak).
+    peak_bytes_per_s: f64,
+}
+
+/// RDMA WRITEs of `remote.len` bytes of `src` to `remote`, `o.iters` of them or for
+/// `o.duration`.
+#[allow(clippy::too_many_arguments)]
+fn measure(
+    o: &Opts,
+    conn: &Connection,
+    cq: &CompletionQueue,
+    src: &MemoryRegion,
+    remote: RemoteBuf,
+    depth: u64,
+    cq_mod: u64,
+    post_list: u32,
+) -> Result<BwRun> {
+    let size = f64::from(remote.len);
+    // With -D the count is open until the time is up, then rounded up to a signalled WR.
+    let mut iters = if o.duration.is_some() {
+        u64::MAX
+    } else {
+        o.iters
+    };
     let (mut posted, mut completed) = (0u64, 0u64);
     let mut comps = [EMPTY_COMPLETION; 32];
     let mut done_at: Vec<(u64, Instant)> = Vec::new();
     let start = Instant::now();
     // Built once and rewritten in place (id, signalled flag) for every post.
-    let mut batch: Vec<SendRequest> = (0..o.post_list.min(depth as u32))
-        .map(|_| SendRequest::write(0, vec![src.sge_all()], remote))
-        .collect();
+    let mut batch: Vec<SendRequest> = (0..post_list)
+        .map(|_| {
+            Ok(SendRequest::write(
+                0,
+                vec![src.sge(0, remote.len as usize)?],
+                remote,
+            ))
+        })
+        .collect::<Result<_>>()?;
     while completed < iters {
+        if iters == u64::MAX && o.duration.is_some_and(|d| start.elapsed() >= d) {
+            iters = posted.div_ceil(cq_mod).max(1) * cq_mod;
+        }
         if posted < iters && posted - completed < depth {
             let mut k = 0;
             while posted < iters && posted - completed < depth && k < batch.len() {
@@ -418,51 +559,27 @@ fn run_bw(o: &Opts, server: IpAddr) -> Result<()> {
         let k = cq.poll(&mut comps)?;
         if k == 0 && posted - completed >= depth {
             // queue full: wait for the device (with a bound and peer-loss detection)
-            let k = conn.wait_completions(&cq, &mut comps, T)?;
+            let k = conn.wait_completions(cq, &mut comps, T)?;
             completed = reap(&comps[..k], completed, &mut done_at)?;
             continue;
         }
         completed = reap(&comps[..k], completed, &mut done_at)?;
     }
     let elapsed = start.elapsed();
-    let bytes = iters as f64 * o.size as f64;
-    let avg = bytes / elapsed.as_secs_f64() / 1048576.0;
-    // peak: best rate between consecutive signalled completions (like perftest's peak)
-    let mut peak = avg;
+    let mut peak = iters as f64 * size / elapsed.as_secs_f64();
     let mut prev = (0u64, start);
     for &(n, t) in &done_at {
         let dt = t.duration_since(prev.1).as_secs_f64();
         if dt > 0.0 && n > prev.0 + cq_mod / 2 {
-            peak = peak.max((n - prev.0) as f64 * o.size as f64 / dt / 1048576.0);
+            peak = peak.max((n - prev.0) as f64 * size / dt);
         }
         prev = (n, t);
     }
-    println!(
-        "---------------------------------------------------------------------------------------"
-    );
-    println!("                    RDMA_Write BW Test (peerpipe-rdma)");
-    println!(
-        " Device: {}  TX depth: {depth}  CQ moderation: {cq_mod}  Post list: {}",
-        conn.context().name(),
-        batch.len()
-    );
-    println!(
-        "---------------------------------------------------------------------------------------"
-    );
-    println!(" #bytes     #iterations    BW peak[MB/sec]    BW average[MB/sec]   MsgRate[Mpps]");
-    println!(
-        " {:<10} {:<16} {:<18.2} {:<20.2} {:.6}",
-        o.size,
+    Ok(BwRun {
         iters,
-        peak,
-        avg,
-        iters as f64 / elapsed.as_secs_f64() / 1e6
-    );
-    println!(
-        "---------------------------------------------------------------------------------------"
-    );
-    conn.disconnect(Duration::from_secs(5))?;
-    Ok(())
+        elapsed,
+        peak_bytes_per_s: peak,
+    })
 }
 
 fn reap(
