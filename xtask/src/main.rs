@@ -2,10 +2,13 @@
 //!
 //! - `install-deps`: Debian packages, qemu from backports, virtme-ng (idempotent).
 //! - `testbed build`: the testbed kernel (cached by a hash of its recipe); `testbed hash`: that hash.
-//! - `vm [--drives N] [--timeout SECS] -- CMD...`: boot the testbed VM and run CMD as root in it.
+//! - `vm [--drives N] [--timeout SECS] [--memory SIZE] -- CMD...`: boot the testbed VM and run
+//!   CMD as root in it.
 //! - `test`: host `cargo test`, then the in-VM suite in one VM boot.
 //! - `demo`: the README's main command.
 //! - `guest-suite FILE`: (inside the VM) run the test binaries listed in FILE.
+//!
+//! (clap: `cargo xtask help`, `cargo xtask <command> --help`; usage errors exit 2.)
 
 mod kernel;
 mod suite;
@@ -17,9 +20,47 @@ use std::process::{Command, ExitCode};
 /// Result of an xtask step: the error is the message printed before exiting.
 pub type Result<T> = std::result::Result<T, String>;
 
+/// peerpipe's tooling: the testbed kernel and VM, the test suite, the demo.
+#[derive(Debug, clap::Parser)]
+#[command(name = "cargo xtask", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Cmd {
+    /// Debian packages, qemu from backports, virtme-ng (idempotent)
+    InstallDeps,
+    /// The testbed kernel (cached by a hash of its recipe)
+    Testbed {
+        #[command(subcommand)]
+        what: TestbedCmd,
+    },
+    /// Boot the testbed VM and run CMD as root in it (cargo xtask vm -- CMD...)
+    Vm(vm::VmArgs),
+    /// Host `cargo test`, then the in-VM suite in one VM boot (-- FILTER... narrows both)
+    Test(suite::TestArgs),
+    /// The README's main command: the demo in the testbed VM
+    Demo,
+    /// (Inside the VM) run the test binaries listed in FILE
+    GuestSuite {
+        /// The list the host wrote
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum TestbedCmd {
+    /// Build the testbed kernel (or find it cached) and print its path
+    Build,
+    /// Print the recipe's hash
+    Hash,
+}
+
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match run(&args) {
+    let cli = <Cli as clap::Parser>::parse();
+    match run(cli.cmd) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("xtask: error: {e}");
@@ -28,30 +69,31 @@ fn main() -> ExitCode {
     }
 }
 
-const USAGE: &str = "usage: cargo xtask <install-deps | testbed build | testbed hash | vm [--drives N] [--timeout SECS] -- CMD... | test [--host-only|--vm-only] | demo | guest-suite FILE>";
-
-fn run(args: &[String]) -> Result<u8> {
-    let first = args.first().map(String::as_str);
-    match first {
-        Some("install-deps") => install_deps().map(|_| 0),
-        Some("testbed") if args.get(1).map(String::as_str) == Some("build") => {
+fn run(cmd: Cmd) -> Result<u8> {
+    match cmd {
+        Cmd::InstallDeps => install_deps().map(|_| 0),
+        Cmd::Testbed {
+            what: TestbedCmd::Build,
+        } => {
             install_deps()?;
             let image = kernel::ensure_kernel()?;
             println!("{}", image.display());
             Ok(0)
         }
-        Some("testbed") if args.get(1).map(String::as_str) == Some("hash") => {
+        Cmd::Testbed {
+            what: TestbedCmd::Hash,
+        } => {
             println!("{}", kernel::recipe_hash()?);
             Ok(0)
         }
-        Some("vm") => {
-            let opts = vm::VmOptions::parse(&args[1..])?;
+        Cmd::Vm(args) => {
+            let opts = vm::VmOptions::from_args(args);
             install_deps()?;
             let kernel = kernel::ensure_kernel()?;
             vm::run_in_vm(&kernel, &opts).map(|r| r.status)
         }
-        Some("test") => suite::test(&args[1..]),
-        Some("demo") => {
+        Cmd::Test(args) => suite::test(&args),
+        Cmd::Demo => {
             install_deps()?;
             let kernel = kernel::ensure_kernel()?;
             build_workspace_bins()?;
@@ -61,11 +103,7 @@ fn run(args: &[String]) -> Result<u8> {
             ]);
             vm::run_in_vm(&kernel, &opts).map(|r| r.status)
         }
-        Some("guest-suite") => {
-            let file = args.get(1).ok_or(USAGE)?;
-            suite::guest_suite(Path::new(file))
-        }
-        _ => Err(USAGE.into()),
+        Cmd::GuestSuite { file } => suite::guest_suite(&file),
     }
 }
 

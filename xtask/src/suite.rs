@@ -87,18 +87,23 @@ fn run_tallied(cmd: &mut Command, timeout: Option<Duration>) -> Result<(bool, Ta
     Ok((status.is_some_and(|s| s.success()), tally, saw_result))
 }
 
-pub fn test(args: &[String]) -> Result<u8> {
-    let (mut host, mut in_vm) = (true, true);
-    let mut filter = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--host-only" => in_vm = false,
-            "--vm-only" => host = false,
-            "--" => filter.extend(it.by_ref().cloned()),
-            other => return Err(format!("test: unknown option {other}; usage: cargo xtask test [--host-only|--vm-only] [-- FILTER...]")),
-        }
-    }
+/// `cargo xtask test [--host-only|--vm-only] [-- FILTER...]`
+#[derive(Debug, clap::Args)]
+pub struct TestArgs {
+    /// Only the host's `cargo test`
+    #[arg(long, conflicts_with = "vm_only")]
+    host_only: bool,
+    /// Only the in-VM suite
+    #[arg(long)]
+    vm_only: bool,
+    /// Test name filters, passed to every test binary
+    #[arg(last = true, value_name = "FILTER")]
+    filter: Vec<String>,
+}
+
+pub fn test(args: &TestArgs) -> Result<u8> {
+    let (host, in_vm) = (!args.vm_only, !args.host_only);
+    let filter = args.filter.clone();
     crate::install_deps()?;
     let root = repo_root();
     let mut ok = true;

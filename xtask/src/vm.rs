@@ -35,44 +35,32 @@ impl VmOptions {
         }
     }
 
-    /// `[--drives N] [--timeout SECS] [--memory SIZE] -- CMD...`
-    pub fn parse(args: &[String]) -> Result<Self> {
-        let mut opts = VmOptions::for_command(Vec::new());
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
-            let mut value = |name: &str| {
-                it.next()
-                    .cloned()
-                    .ok_or_else(|| format!("vm: {name} needs a value"))
-            };
-            match a.as_str() {
-                "--drives" => {
-                    opts.data_drives = value("--drives")?
-                        .parse()
-                        .map_err(|_| "vm: --drives takes a number (plain drives besides p2p0)")?
-                }
-                "--timeout" => {
-                    let secs: u64 = value("--timeout")?
-                        .parse()
-                        .map_err(|_| "vm: --timeout takes seconds")?;
-                    opts.timeout = Duration::from_secs(secs);
-                }
-                "--memory" => opts.memory = value("--memory")?,
-                "--" => {
-                    opts.cmd = it.cloned().collect();
-                    break;
-                }
-                other => return Err(format!("vm: unknown option {other}; usage: vm [--drives N] [--timeout SECS] [--memory SIZE] -- CMD...")),
-            }
+    /// The options `cargo xtask vm` was given.
+    pub fn from_args(a: VmArgs) -> Self {
+        VmOptions {
+            data_drives: a.drives as usize,
+            timeout: Duration::from_secs(a.timeout),
+            memory: a.memory,
+            cmd: a.cmd,
         }
-        if opts.cmd.is_empty() {
-            return Err("vm: no command; usage: cargo xtask vm -- CMD...".into());
-        }
-        if opts.data_drives == 0 || opts.data_drives > 6 {
-            return Err("vm: --drives must be 1..=6".into());
-        }
-        Ok(opts)
     }
+}
+
+/// `cargo xtask vm [--drives N] [--timeout SECS] [--memory SIZE] -- CMD...`
+#[derive(Debug, clap::Args)]
+pub struct VmArgs {
+    /// Plain NVMe drives besides the CMB drive p2p0 (1-6)
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=6))]
+    drives: u32,
+    /// Give up on the VM after SECS seconds
+    #[arg(long, value_name = "SECS", default_value_t = 45 * 60)]
+    timeout: u64,
+    /// Guest memory (QEMU's -m syntax)
+    #[arg(long, value_name = "SIZE", default_value = "3G")]
+    memory: String,
+    /// The command to run as root in the VM
+    #[arg(last = true, required = true, value_name = "CMD")]
+    cmd: Vec<String>,
 }
 
 /// QEMU arguments for the PCIe topology: root port -> switch -> one downstream port per drive.
@@ -367,13 +355,30 @@ mod tests {
 
     #[test]
     fn options_parse_and_reject() {
-        let a = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let o = VmOptions::parse(&a(&["--drives", "2", "--", "ls", "-l"])).unwrap();
+        #[derive(Debug, clap::Parser)]
+        struct T {
+            #[command(flatten)]
+            vm: VmArgs,
+        }
+        let parse = |v: &[&str]| {
+            <T as clap::Parser>::try_parse_from(std::iter::once("vm").chain(v.iter().copied()))
+                .map(|t| VmOptions::from_args(t.vm))
+        };
+        let o = parse(&["--drives", "2", "--", "ls", "-l"]).unwrap();
         assert_eq!(o.data_drives, 2);
-        assert_eq!(o.cmd, a(&["ls", "-l"]));
-        assert!(VmOptions::parse(&a(&["--"])).is_err());
-        assert!(VmOptions::parse(&a(&["--drives", "x", "--", "ls"])).is_err());
-        assert!(VmOptions::parse(&a(&["--bogus", "--", "ls"])).is_err());
+        assert_eq!(o.cmd, ["ls", "-l"]);
+        assert_eq!(parse(&["--", "ls"]).unwrap().data_drives, 3);
+        assert_eq!(
+            parse(&["--timeout=60", "--", "ls"]).unwrap().timeout,
+            Duration::from_secs(60)
+        );
+        assert!(parse(&["--"]).is_err(), "no command");
+        assert!(parse(&["--drives", "x", "--", "ls"]).is_err());
+        assert!(
+            parse(&["--drives", "7", "--", "ls"]).is_err(),
+            "at most 6 drives"
+        );
+        assert!(parse(&["--bogus", "--", "ls"]).is_err());
     }
 
     #[test]
