@@ -404,6 +404,15 @@ pub fn errno_of(e: &uring::Error) -> i32 {
     }
 }
 
+/// How an io_uring error reaches the controller: an NVMe passthrough status as the device's
+/// own status, anything else as its errno ([`errno_of`]).
+fn failure_of(e: &uring::Error) -> IoFailure {
+    match e {
+        uring::Error::Nvme { status, .. } => IoFailure::Device(Status::from_device(status.0)),
+        other => IoFailure::Errno(errno_of(other)),
+    }
+}
+
 /// One transport thread's io_uring with every backend added: namespace I/O and the polls of
 /// the thread's RDMA completion channel and rdma_cm event fd share it, so one
 /// `io_uring_enter` sleeps until any of them has something.
@@ -516,17 +525,17 @@ impl QueueIo {
     /// # Errors
     /// The refusal as an [`IoDone`] carrying `tag`, the errno and the buffer.
     pub fn submit(&mut self, index: usize, req: IoRequest, tag: u64) -> Result<(), IoDone> {
-        let refuse = |errno, buf| IoDone {
+        let refuse = |failure, buf| IoDone {
             tag,
-            result: Err(IoFailure::Errno(errno)),
+            result: Err(failure),
             buf,
         };
         let Some(&(t, _)) = self.targets.get(index) else {
             return Err(match req {
                 IoRequest::Read { buf, .. } | IoRequest::Write { buf, .. } => {
-                    refuse(libc::EINVAL, Some(buf))
+                    refuse(IoFailure::Errno(libc::EINVAL), Some(buf))
                 }
-                _ => refuse(libc::EINVAL, None),
+                _ => refuse(IoFailure::Errno(libc::EINVAL), None),
             });
         };
         if let IoRequest::Read { buf, .. } | IoRequest::Write { buf, .. } = &req {
@@ -539,22 +548,22 @@ impl QueueIo {
                 return self
                     .ring
                     .flush(t, tag)
-                    .map_err(|e| refuse(errno_of(&e), None))
+                    .map_err(|e| refuse(failure_of(&e), None))
             }
             IoRequest::WriteZeroes { offset, len } => {
                 return self
                     .ring
                     .write_zeroes(t, offset, len, tag)
-                    .map_err(|e| refuse(errno_of(&e), None))
+                    .map_err(|e| refuse(failure_of(&e), None))
             }
             IoRequest::Deallocate { ranges } => {
                 return self
                     .ring
                     .deallocate(t, &ranges, tag)
-                    .map_err(|e| refuse(errno_of(&e), None))
+                    .map_err(|e| refuse(failure_of(&e), None))
             }
         };
-        r.map_err(|rej| refuse(errno_of(&rej.error), rej.bufs.into_single()))
+        r.map_err(|rej| refuse(failure_of(&rej.error), rej.bufs.into_single()))
     }
 
     /// Turns a reaped ring completion of a backend operation into an [`IoDone`]; `None` for
@@ -570,10 +579,7 @@ impl QueueIo {
                 Err(IoFailure::Errno(libc::EIO))
             }
             (Ok(_), _, _) => Ok(()),
-            (Err(uring::Error::Nvme { status, .. }), _, _) => {
-                Err(IoFailure::Device(Status::from_device(status.0)))
-            }
-            (Err(e), _, _) => Err(IoFailure::Errno(errno_of(e))),
+            (Err(e), _, _) => Err(failure_of(e)),
         };
         Some(IoDone {
             tag: c.tag,
