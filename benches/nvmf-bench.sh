@@ -45,9 +45,17 @@ A0=${PEERPIPE_ADDR0:-10.77.0.1}; A1=${PEERPIPE_ADDR1:-10.77.0.2}
 HN=nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-0000000000c3
 LOG=/tmp/nvmf-bench; mkdir -p $LOG
 [ -x "$BIN" ] || { echo "build first: cargo build --release -p peerpipe --bins (BIN=$BIN)" >&2; exit 1; }
-TARGETS="a b c"
-declare -A DESC=([a]="peerpipe, host buffers" [b]="peerpipe, p2p buffers" [c]="kernel nvmet-rdma")
-declare -A PORT=([a]=4420 [b]=4421 [c]=4422) SERIAL=([a]=data1 [b]=data2 [c]=data3)
+# Variants for A/B runs in the same boot: TARGETS="a b c d e" adds (d) and (e), peerpipe with
+# host buffers like (a) on their own drives (data4, data5: `cargo xtask vm --drives 5`), started
+# with the extra target options ARGS_d / ARGS_e (e.g. ARGS_d="--busy-poll 200").
+TARGETS=${TARGETS:-"a b c"}
+PEERS=$(echo $TARGETS | tr ' ' '\n' | grep -v '^c$' | tr '\n' ' ')
+declare -A DESC=([a]="peerpipe, host buffers" [b]="peerpipe, p2p buffers" [c]="kernel nvmet-rdma"
+    [d]="peerpipe, host buffers, ${ARGS_d:-}" [e]="peerpipe, host buffers, ${ARGS_e:-}")
+declare -A PORT=([a]=4420 [b]=4421 [c]=4422 [d]=4423 [e]=4424)
+declare -A SERIAL=([a]=data1 [b]=data2 [c]=data3 [d]=data4 [e]=data5)
+declare -A BUFS=([a]=host [b]=p2p [d]=host [e]=host)
+declare -A ARGS=([a]="" [b]="" [d]="${ARGS_d:-}" [e]="${ARGS_e:-}")
 declare -A NQN DRIVE DEV PID
 for t in $TARGETS; do NQN[$t]=nqn.2026-11.io.peerpipe:bench-$t; done
 
@@ -71,7 +79,7 @@ snapshot() {
 
 cleanup() {
     for t in $TARGETS; do nvme disconnect -n ${NQN[$t]} >/dev/null 2>&1; done
-    for t in a b; do [ -n "${PID[$t]:-}" ] && kill -TERM ${PID[$t]} 2>/dev/null; done
+    for t in $PEERS; do [ -n "${PID[$t]:-}" ] && kill -TERM ${PID[$t]} 2>/dev/null; done
 }
 trap cleanup EXIT
 
@@ -91,14 +99,14 @@ if [ "$FILL" = 1 ]; then
     done
 fi
 
-# (a), (b): peerpipe targets
-for t in a b; do
-    bufs=$([ $t = a ] && echo host || echo p2p)
-    $BIN target --listen $A1:${PORT[$t]} --nqn ${NQN[$t]} --ns ${DRIVE[$t]} --buffers $bufs \
-        2>$LOG/target-$t.err &
+# (a), (b) and the variants: peerpipe targets
+for t in $PEERS; do
+    # shellcheck disable=SC2086 # ARGS: several options
+    $BIN target --listen $A1:${PORT[$t]} --nqn ${NQN[$t]} --ns ${DRIVE[$t]} --buffers ${BUFS[$t]} \
+        ${ARGS[$t]} 2>$LOG/target-$t.err &
     PID[$t]=$!
 done
-for t in a b; do
+for t in $PEERS; do
     for _ in $(seq 600); do grep -q "target: listening on" $LOG/target-$t.err && break; kill -0 ${PID[$t]} 2>/dev/null || break; sleep 0.1; done
     grep -q "target: listening on" $LOG/target-$t.err || { echo "target $t did not start:"; cat $LOG/target-$t.err; exit 1; }
     sed "s/^/# target $t: /" $LOG/target-$t.err
@@ -228,7 +236,7 @@ table() { # phase tests key label
     echo "|---|---|---|---|---|---|"
     for test in $tests; do
         local m=() cell=()
-        for t in $TARGETS; do
+        for t in a b c; do
             local v; v=$(val $phase $t $test $key)
             m+=("$(echo $v | median)"); cell+=("${m[-1]} [${v% }]")
         done
@@ -245,6 +253,19 @@ table main "$TESTS" tgt_us_per_io "target CPU per I/O (us): (a), (b) the peerpip
 table main "$TESTS" kern_us_per_io "kworkers + irq + softirq CPU per I/O (us), every target (includes the host side's kernel work)"
 table main "$TESTS" proc_kern_us_per_io "target process (0 for (c)) + kworkers + irq + softirq CPU per I/O (us): same scope for all three"
 table main "$TESTS" sys_us_per_io "all busy CPU of the VM per I/O (us): fio + host + target + rxe"
+for v in d e; do
+    case " $TARGETS " in *" $v "*) ;; *) continue ;; esac
+    echo
+    echo "Variant ($v) ${DESC[$v]} against (a) and (c), medians, per-round ratios ($v)/(a) in brackets"
+    echo
+    echo "| test | key | (a) | ($v) | (c) | ($v)/(a) | ($v)/(c) | per-round ($v)/(a) |"
+    echo "|---|---|---|---|---|---|---|---|"
+    for test in $TESTS; do for key in iops clat_p50_us sys_us_per_io; do
+        ma=$(val main a $test $key | median); mv=$(val main $v $test $key | median); mc=$(val main c $test $key | median)
+        per=$(paste -d' ' <(val main $v $test $key | tr ' ' '\n' | grep -v '^$') <(val main a $test $key | tr ' ' '\n' | grep -v '^$') | awk '$2 > 0 {printf "%s%.2f", (NR > 1 ? " " : ""), $1 / $2}')
+        echo "| $test | $key | $ma | $mv | $mc | $(ratio $mv $ma) | $(ratio $mv $mc) | $per |"
+    done; done
+done
 if [ "$SWEEP_RUNS" -gt 0 ]; then
     table sweep "$(for q in $QDS; do printf 'rr4k_qd%s ' $q; done)" iops "QD sweep, 4 KiB randread, IOPS"
     table sweep "$(for q in $QDS; do printf 'rr4k_qd%s ' $q; done)" tgt_us_per_io "QD sweep, target CPU per I/O (us)"
@@ -253,7 +274,7 @@ fi
 # Teardown, with the evidence of anything that went wrong.
 echo
 for t in $TARGETS; do nvme disconnect -n ${NQN[$t]} | sed "s/^/# disconnect $t: /"; done
-for t in a b; do
+for t in $PEERS; do
     if kill -TERM ${PID[$t]} 2>/dev/null; then
         for _ in $(seq 300); do kill -0 ${PID[$t]} 2>/dev/null || break; sleep 0.1; done
         wait ${PID[$t]}; rc=$?

@@ -453,6 +453,76 @@ fn testbed_nvmf_two_hosts_two_subsystems_concurrent_fio_verify() {
     assert!(err.contains(&format!("subsystems {na}, {nb}")), "{err}");
 }
 
+/// `--busy-poll`: the kernel host's I/O through a target whose idle queues poll before they
+/// sleep is verified at queue depth 1 (where polls find the next command or the drive
+/// completion) and 32 over two I/O queues, and the stop statistics show polls that found
+/// work. The budget is large (100 ms) so that a poll finds its work on any machine, however
+/// slow; a poll never outlasts it, and the target stops promptly on SIGTERM.
+#[test]
+#[ignore = "skipped: no device (testbed test; run: cargo xtask test)"]
+fn testbed_nvmf_busy_poll_serves_verified_io_and_its_polls_find_work() {
+    tb::require_testbed();
+    let port = 4428;
+    let n = nqn("busy-poll");
+    let drive = tb::drive("data3");
+    let t = start_target(
+        port,
+        &n,
+        &drive.block,
+        &[
+            "--busy-poll",
+            "100000",
+            "--buffers",
+            "host",
+            "--output-format=json",
+        ],
+    );
+    let host = Host::connect_with(port, &n, HOSTNQN, &["--nr-io-queues", "2"])
+        .unwrap_or_else(|o| panic!("{}", tb::text(&o)));
+    let qd1 = [
+        "--rw=randwrite",
+        "--bsrange=4k-64k",
+        "--iodepth=1",
+        "--size=4M",
+        "--offset=32M",
+    ];
+    let o = tb::wait(
+        tb::spawn(&mut fio_verify_cmd(&host.dev, "busy-qd1", &qd1)),
+        Duration::from_secs(900),
+        "fio QD1",
+    );
+    fio_passed(&o, "QD1");
+    let qd32 = [
+        "--rw=randwrite",
+        "--bsrange=4k-128k",
+        "--iodepth=32",
+        "--numjobs=2",
+        "--size=8M",
+        "--offset=64M",
+        "--offset_increment=16M",
+    ];
+    let o = tb::wait(
+        tb::spawn(&mut fio_verify_cmd(&host.dev, "busy-qd32", &qd32)),
+        Duration::from_secs(900),
+        "fio QD32",
+    );
+    fio_passed(&o, "QD32");
+    let o = host.disconnect();
+    assert!(o.status.success(), "{}", tb::text(&o));
+    let o = stop_target(t);
+    assert!(o.status.success(), "{}", tb::text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("stop statistics JSON");
+    assert_eq!(v["errors"], 0, "{v}");
+    assert_eq!(v["payload_bytes_copied"], 0, "{v}");
+    let hits = v["busy_poll_hits"].as_u64().expect("busy_poll_hits");
+    assert!(hits > 0, "no busy poll found work: {v}");
+    assert!(
+        stderr(&o).contains(&format!("busy polls {hits} found work")),
+        "{}",
+        tb::text(&o)
+    );
+}
+
 #[test]
 fn target_cli_refuses_bad_combinations_with_exit_2() {
     let cases: &[(&[&str], &str)] = &[

@@ -297,7 +297,7 @@ impl Target {
         let listen = listener.local_addr().unwrap_or(cfg.listen);
         Ok(Target {
             listener,
-            shared: Arc::new(Shared::new(core, backends, map, pool)),
+            shared: Arc::new(Shared::new(core, backends, map, pool, cfg.busy_poll)),
             buffers: info,
             listen,
             namespaces: names,
@@ -330,6 +330,16 @@ impl Target {
         (
             s.rdma_read_bytes.load(Ordering::Relaxed),
             s.rdma_write_bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Busy polls that found work and busy polls that ran out of budget
+    /// ([`TargetConfig::busy_poll`]); both 0 when busy polling is off.
+    pub fn busy_polls(&self) -> (u64, u64) {
+        let s = self.shared.stats();
+        (
+            s.busy_poll_hits.load(Ordering::Relaxed),
+            s.busy_poll_misses.load(Ordering::Relaxed),
         )
     }
 

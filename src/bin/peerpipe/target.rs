@@ -17,6 +17,8 @@ struct Stats {
     rdma_read_bytes: u64,
     rdma_write_bytes: u64,
     payload_bytes_copied: u64,
+    busy_poll_hits: u64,
+    busy_poll_misses: u64,
     error: Option<String>,
 }
 
@@ -81,8 +83,9 @@ pub fn main(a: args::Args) -> ExitCode {
     let result = target.serve(&STOP);
     let (read, written) = target.rdma_bytes();
     let s = target.core_stats();
+    let (hits, misses) = target.busy_polls();
     eprintln!(
-        "target: stopped; {} commands, {} errors, {} B RDMA READ, {} B RDMA WRITE, {} payload bytes copied by the CPU",
+        "target: stopped; {} commands, {} errors, {} B RDMA READ, {} B RDMA WRITE, {} payload bytes copied by the CPU, busy polls {hits} found work / {misses} ran out",
         s.commands,
         s.errors,
         read,
@@ -96,6 +99,8 @@ pub fn main(a: args::Args) -> ExitCode {
             rdma_read_bytes: read,
             rdma_write_bytes: written,
             payload_bytes_copied: target.copied_bytes(),
+            busy_poll_hits: hits,
+            busy_poll_misses: misses,
             error: result.as_ref().err().map(ToString::to_string),
         });
     }

@@ -86,6 +86,10 @@ pub struct TransportStats {
     pub queues_accepted: AtomicU64,
     /// Connect requests rejected.
     pub queues_rejected: AtomicU64,
+    /// Busy polls (`TargetConfig::busy_poll`) that found work before their budget ran out.
+    pub busy_poll_hits: AtomicU64,
+    /// Busy polls that ran out of budget (the queue then slept).
+    pub busy_poll_misses: AtomicU64,
 }
 
 /// One RDMA device's protection domain and the pool chunks registered on it.
@@ -152,6 +156,8 @@ pub struct Shared {
     pub(crate) namespaces: HashMap<(usize, u32), usize>,
     pub(crate) pool: Pool,
     pub(crate) stats: TransportStats,
+    /// [`crate::nvmf::TargetConfig::busy_poll`].
+    pub(crate) busy_poll: Duration,
 }
 
 impl Shared {
@@ -162,6 +168,7 @@ impl Shared {
         backends: Vec<Arc<Backend>>,
         namespaces: HashMap<(usize, u32), usize>,
         pool: Pool,
+        busy_poll: Duration,
     ) -> Shared {
         Shared {
             devices: Mutex::new(Vec::new()),
@@ -170,6 +177,7 @@ impl Shared {
             namespaces,
             pool,
             stats: TransportStats::default(),
+            busy_poll,
         }
     }
 

@@ -21,6 +21,12 @@
 //! wake-ups (its capsule, its backend completion), not three. Per wake-up the queue makes one
 //! `io_uring_enter` that submits what is queued and sleeps, and reads the channel or rdma_cm
 //! fd only when its poll fired.
+//!
+//! Busy polling (`TargetConfig::busy_poll`, off by default): before it arms and sleeps, a queue
+//! with at most one command in the works polls its CQs (and its ring, while drive I/O is in
+//! flight) for up to the budget, with a PAUSE between empty polls, so at queue depth 1 the next
+//! capsule or the drive completion is taken without a wake-up. The policy backs off after polls
+//! that find nothing (`spin.rs`), so a rarely used queue sleeps at once.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -39,8 +45,10 @@ use crate::rdma::{
 use crate::uring::{self, PollId};
 
 mod exec;
+mod spin;
 
 use exec::Cmd;
+use spin::SpinPolicy;
 
 const WR_RECV: u64 = 1 << 60;
 const WR_SEND: u64 = 2 << 60;
@@ -121,6 +129,8 @@ struct Queue<'a> {
     sarmed: bool,
     /// The rdma_cm fd polled readable: read its events.
     cm_ready: bool,
+    /// Whether and how long an idle queue polls before it sleeps.
+    spin: SpinPolicy,
 }
 
 /// The queue thread's body: accept, serve, tear down. Errors are logged (they end only this
@@ -292,6 +302,7 @@ impl<'a> Queue<'a> {
             rarmed: false,
             sarmed: false,
             cm_ready: false,
+            spin: SpinPolicy::new(shared.busy_poll),
         })
     }
 
@@ -328,6 +339,9 @@ impl<'a> Queue<'a> {
                 continue;
             }
             self.busy_turns = 0;
+            if self.should_spin() && self.spin(&mut wcs, &mut done)? {
+                continue;
+            }
             if self.arm()? {
                 // Poll once more: a completion that arrived before the arm raises no event.
                 continue;
@@ -377,6 +391,74 @@ impl<'a> Queue<'a> {
             if m < wcs.len() {
                 return Ok(total);
             }
+        }
+    }
+
+    /// Whether the queue polls before it sleeps: busy polling is on, the receive CQ is not
+    /// armed yet (one spin per sleep), and at most one command is in the works (drive I/O,
+    /// RDMA READ or parked). That is the latency-bound case, where a wake-up per command is
+    /// what the host waits for; with more in the works the wake-ups are shared by many
+    /// commands, and a spin would only take CPU time from the work the queue waits for.
+    fn should_spin(&mut self) -> bool {
+        !self.rarmed
+            && self.backend_ios() + self.reads_out as usize + self.parked.len() <= 1
+            && self.spin.try_poll()
+    }
+
+    /// Backend operations in flight: the ring's, less its polls of the channel and rdma_cm fds.
+    fn backend_ios(&self) -> usize {
+        let polls = usize::from(self.cq_poll.is_some()) + usize::from(self.cm_poll.is_some());
+        self.io.in_flight().saturating_sub(polls)
+    }
+
+    /// Polls the CQs (and the ring, while backend I/O is in flight) for up to the policy's
+    /// budget, with a PAUSE between empty polls; true when it found work.
+    fn spin(
+        &mut self,
+        wcs: &mut [Completion; 32],
+        done: &mut Vec<uring::Completion<PoolBuf>>,
+    ) -> Result<bool, QueueError> {
+        let found = self.poll_for(wcs, done)?;
+        let stats = &self.shared.stats;
+        if found {
+            self.spin.hit();
+            stats.busy_poll_hits.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.spin.miss();
+            stats.busy_poll_misses.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(found)
+    }
+
+    /// The polling loop of [`Queue::spin`].
+    fn poll_for(
+        &mut self,
+        wcs: &mut [Completion; 32],
+        done: &mut Vec<uring::Completion<PoolBuf>>,
+    ) -> Result<bool, QueueError> {
+        let start = Instant::now();
+        loop {
+            if self.poll_cqs(wcs)? > 0 {
+                self.flush_sends()?;
+                return Ok(true);
+            }
+            if self.backend_ios() > 0 {
+                done.clear();
+                let m = self
+                    .io
+                    .ring()
+                    .reap(done)
+                    .map_err(|source| QueueError::Ring { op: "reap", source })?;
+                if m > 0 {
+                    self.on_ring(done)?;
+                    self.flush_sends()?;
+                    return Ok(true);
+                }
+            }
+            if start.elapsed() >= self.spin.budget() || self.ctl.kill.load(Ordering::Acquire) {
+                return Ok(false);
+            }
+            std::hint::spin_loop();
         }
     }
 
