@@ -47,7 +47,8 @@ LOG=/tmp/nvmf-bench; mkdir -p $LOG
 [ -x "$BIN" ] || { echo "build first: cargo build --release -p peerpipe --bins (BIN=$BIN)" >&2; exit 1; }
 # Variants for A/B runs in the same boot: TARGETS="a b c d e" adds (d) and (e), peerpipe with
 # host buffers like (a) on their own drives (data4, data5: `cargo xtask vm --drives 5`), started
-# with the extra target options ARGS_d / ARGS_e (e.g. ARGS_d="--busy-poll 200").
+# with the extra target options ARGS_d / ARGS_e (e.g. ARGS_d="--busy-poll 200"); ARGS_a and
+# ARGS_b add options to (a) and (b) (e.g. ARGS_a="--busy-poll 0").
 TARGETS=${TARGETS:-"a b c"}
 PEERS=$(echo $TARGETS | tr ' ' '\n' | grep -v '^c$' | tr '\n' ' ')
 declare -A DESC=([a]="peerpipe, host buffers" [b]="peerpipe, p2p buffers" [c]="kernel nvmet-rdma"
@@ -55,7 +56,7 @@ declare -A DESC=([a]="peerpipe, host buffers" [b]="peerpipe, p2p buffers" [c]="k
 declare -A PORT=([a]=4420 [b]=4421 [c]=4422 [d]=4423 [e]=4424)
 declare -A SERIAL=([a]=data1 [b]=data2 [c]=data3 [d]=data4 [e]=data5)
 declare -A BUFS=([a]=host [b]=p2p [d]=host [e]=host)
-declare -A ARGS=([a]="" [b]="" [d]="${ARGS_d:-}" [e]="${ARGS_e:-}")
+declare -A ARGS=([a]="${ARGS_a:-}" [b]="${ARGS_b:-}" [d]="${ARGS_d:-}" [e]="${ARGS_e:-}")
 declare -A NQN DRIVE DEV PID
 for t in $TARGETS; do NQN[$t]=nqn.2026-11.io.peerpipe:bench-$t; done
 

@@ -289,8 +289,8 @@ fn testbed_nvmf_cli_target_prints_json_statistics_at_exit() {
     assert_eq!(v["commands"], 0, "{v}");
     assert_eq!(v["errors"], 0, "{v}");
     assert_eq!(v["payload_bytes_copied"], 0, "{v}");
-    assert_eq!(v["busy_poll_hits"], 0, "no --busy-poll: {v}");
-    assert_eq!(v["busy_poll_misses"], 0, "no --busy-poll: {v}");
+    assert_eq!(v["busy_poll_hits"], 0, "no command, no poll: {v}");
+    assert_eq!(v["busy_poll_misses"], 0, "no command, no poll: {v}");
     assert!(
         v["rdma_read_bytes"].is_u64() && v["rdma_write_bytes"].is_u64(),
         "{v}"

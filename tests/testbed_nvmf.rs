@@ -310,7 +310,8 @@ fn testbed_nvmf_ext4_mkfs_files_remount_fsck() {
     let port = 4424;
     let n = nqn("ext4");
     let drive = tb::drive("data3");
-    let t = start_target(port, &n, &drive.block, &[]);
+    // Without busy polling (on by default): every queue sleeps until woken.
+    let t = start_target(port, &n, &drive.block, &["--busy-poll", "0"]);
     let host = Host::connect(port, &n, HOSTNQN).unwrap_or_else(|o| panic!("{}", tb::text(&o)));
     let dev = host.dev.clone();
     // Inode tables and journal written now, through the fabric, not lazily after mount.
@@ -361,6 +362,11 @@ fn testbed_nvmf_ext4_mkfs_files_remount_fsck() {
     assert!(o.status.success(), "{}", tb::text(&o));
     assert!(
         stderr(&o).contains(" 0 payload bytes copied by the CPU"),
+        "{}",
+        tb::text(&o)
+    );
+    assert!(
+        stderr(&o).contains("busy polls 0 found work / 0 ran out"),
         "{}",
         tb::text(&o)
     );

@@ -11,6 +11,8 @@ pub const DISCOVERY_NQN: &str = "nqn.2014-08.org.nvmexpress.discovery";
 pub const NQN_MAX_LEN: usize = 223;
 /// Largest in-capsule data size (the Linux host and nvmet cap it at 16 KiB).
 pub const INLINE_DATA_MAX: u32 = 16384;
+/// The default [`TargetConfig::busy_poll`]: 1 ms.
+pub const BUSY_POLL_DEFAULT: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// Everything a listener serves.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,17 +33,20 @@ pub struct TargetConfig {
     pub mdts_bytes: u32,
     /// Port id reported in discovery log entries.
     pub port_id: u16,
-    /// How long a queue with nothing to do keeps polling its completion queues (and its
-    /// backend ring, while drive I/O is in flight) before it sleeps; zero: sleep at once.
-    /// Polling trades CPU for the wake-up a sleeping queue pays per command, as SPDK's
-    /// reactors and Linux's `busy_poll` do; a spin never outlasts this, so an idle queue
-    /// costs no CPU.
+    /// Busy polling: how long a queue with at most one command in the works keeps polling
+    /// its completion queues (and its backend ring, while drive I/O is in flight) before it
+    /// sleeps ([`BUSY_POLL_DEFAULT`]; zero: sleep at once). Polling trades CPU time for the
+    /// wake-ups a sleeping queue pays per command at queue depth 1, as SPDK's reactors and
+    /// Linux's `busy_poll` do. A poll never outlasts this budget, a queue that found nothing backs
+    /// off (it sleeps at once for its next 1, 2, 4, ... 64 chances), and a queue that has
+    /// gone to sleep does not poll again until a completion wakes it, so an idle target
+    /// costs no CPU. At most 1 s.
     pub busy_poll: std::time::Duration,
 }
 
 impl TargetConfig {
     /// A configuration with the defaults: inline 4096, 4 I/O queues, depth 128, MDTS 1 MiB,
-    /// port id 1, no subsystems.
+    /// port id 1, busy polling for up to 1 ms, no subsystems.
     pub fn new(listen: SocketAddr) -> TargetConfig {
         TargetConfig {
             listen,
@@ -51,7 +56,7 @@ impl TargetConfig {
             queue_depth_max: 128,
             mdts_bytes: 1 << 20,
             port_id: 1,
-            busy_poll: std::time::Duration::ZERO,
+            busy_poll: BUSY_POLL_DEFAULT,
         }
     }
 
@@ -73,6 +78,11 @@ impl TargetConfig {
         if !(2..=super::wire::IO_QUEUE_SIZE_MAX).contains(&self.queue_depth_max) {
             return Err(ConfigError::Limit {
                 what: "queue_depth_max must be 2..=1024",
+            });
+        }
+        if self.busy_poll > std::time::Duration::from_secs(1) {
+            return Err(ConfigError::Limit {
+                what: "busy_poll must be at most 1 s",
             });
         }
         if !self.mdts_bytes.is_power_of_two() || self.mdts_bytes < 4096 {
@@ -333,6 +343,11 @@ mod tests {
             d.validate(),
             Err(ConfigError::InlineDataSize { got: 100 })
         ));
+        let mut d = c.clone();
+        d.busy_poll = std::time::Duration::from_secs(1);
+        assert_eq!(d.validate(), Ok(()));
+        d.busy_poll = std::time::Duration::from_micros(1_000_001);
+        assert!(matches!(d.validate(), Err(ConfigError::Limit { .. })));
         let mut d = c.clone();
         d.mdts_bytes = 3 << 12;
         assert!(matches!(d.validate(), Err(ConfigError::Limit { .. })));

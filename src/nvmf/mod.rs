@@ -90,7 +90,9 @@ pub mod status;
 pub mod transport;
 pub mod wire;
 
-pub use config::{ConfigError, NamespaceConfig, SubsystemConfig, TargetConfig, DISCOVERY_NQN};
+pub use config::{
+    ConfigError, NamespaceConfig, SubsystemConfig, TargetConfig, BUSY_POLL_DEFAULT, DISCOVERY_NQN,
+};
 pub use ctrl::{Action, IoCommand, IoOp, NamespaceInfo, QueueCore, TargetCore, TargetStats};
 pub use status::{IoFailure, Status};
 pub use wire::{

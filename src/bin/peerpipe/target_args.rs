@@ -54,9 +54,10 @@ pub struct TargetArgs {
     /// Data buffers in p2pmem, host memory, or p2pmem when usable
     #[arg(long, value_name = "p2p|host|auto", default_value = "auto", value_parser = parse_buffers)]
     pub buffers: BufferChoice,
-    /// Microseconds an idle queue polls for the next command or drive completion before it
-    /// sleeps (0: sleep at once); spends CPU to save a wake-up per command
-    #[arg(long, value_name = "USECS", default_value_t = 0,
+    /// Microseconds a queue with at most one command in the works polls for the next command
+    /// or drive completion before it sleeps (0: sleep at once); spends CPU to save the
+    /// wake-ups of each command at queue depth 1, and backs off on queues that find nothing
+    #[arg(long, value_name = "USECS", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub busy_poll: u64,
     /// Statistics at exit as a JSON line on stdout (json); --json is short for it
@@ -380,10 +381,17 @@ mod tests {
     }
 
     #[test]
-    fn busy_poll_reaches_the_config_and_defaults_to_sleeping() {
+    fn busy_poll_reaches_the_config_and_defaults_to_one_millisecond() {
         let base = ["--listen=1.2.3.4", "--nqn=n", "--ns=a"];
         let a = args(&base).unwrap();
-        assert_eq!(a.config().busy_poll, std::time::Duration::ZERO);
+        assert_eq!(a.config().busy_poll, std::time::Duration::from_millis(1));
+        assert_eq!(
+            args(&[&base[..], &["--busy-poll=0"]].concat())
+                .unwrap()
+                .config()
+                .busy_poll,
+            std::time::Duration::ZERO
+        );
         let a = args(&[&base[..], &["--busy-poll=250"]].concat()).unwrap();
         assert_eq!(a.config().busy_poll, std::time::Duration::from_micros(250));
         for bad in ["--busy-poll=-1", "--busy-poll=1000001", "--busy-poll=x"] {
