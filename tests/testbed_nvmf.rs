@@ -492,12 +492,7 @@ fn testbed_nvmf_busy_poll_serves_verified_io_and_its_polls_find_work() {
         "--size=4M",
         "--offset=32M",
     ];
-    let o = tb::wait(
-        tb::spawn(&mut fio_verify_cmd(&host.dev, "busy-qd1", &qd1)),
-        Duration::from_secs(900),
-        "fio QD1",
-    );
-    fio_passed(&o, "QD1");
+    fio_verify(&host.dev, "busy-qd1", &qd1);
     let qd32 = [
         "--rw=randwrite",
         "--bsrange=4k-128k",
@@ -507,12 +502,7 @@ fn testbed_nvmf_busy_poll_serves_verified_io_and_its_polls_find_work() {
         "--offset=64M",
         "--offset_increment=16M",
     ];
-    let o = tb::wait(
-        tb::spawn(&mut fio_verify_cmd(&host.dev, "busy-qd32", &qd32)),
-        Duration::from_secs(900),
-        "fio QD32",
-    );
-    fio_passed(&o, "QD32");
+    fio_verify(&host.dev, "busy-qd32", &qd32);
     let o = host.disconnect();
     assert!(o.status.success(), "{}", tb::text(&o));
     let o = stop_target(t);

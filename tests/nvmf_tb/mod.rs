@@ -284,6 +284,16 @@ pub fn fio_verify_cmd(dev: &Path, name: &str, args: &[&str]) -> Command {
     c
 }
 
+/// Runs [`fio_verify_cmd`] to its end (at most 15 minutes) and asserts [`fio_passed`].
+pub fn fio_verify(dev: &Path, name: &str, args: &[&str]) {
+    let o = tb::wait(
+        tb::spawn(&mut fio_verify_cmd(dev, name, args)),
+        Duration::from_secs(900),
+        name,
+    );
+    fio_passed(&o, name);
+}
+
 /// Asserts a fio run wrote and verified without error.
 pub fn fio_passed(o: &Output, what: &str) {
     assert!(o.status.success(), "fio {what}: {}", tb::text(o));
