@@ -37,9 +37,9 @@ pub struct TargetConfig {
     /// its completion queues (and its backend ring, while drive I/O is in flight) before it
     /// sleeps ([`BUSY_POLL_DEFAULT`]; zero: sleep at once). Polling trades CPU time for the
     /// wake-ups a sleeping queue pays per command at queue depth 1, as SPDK's reactors and
-    /// Linux's `busy_poll` do. A poll never outlasts this budget, a queue that found nothing backs
-    /// off (it sleeps at once for its next 1, 2, 4, ... 64 chances), and a queue that has
-    /// gone to sleep does not poll again until a completion wakes it, so an idle target
+    /// Linux's `busy_poll` do. A poll never outlasts this budget, a queue that found nothing
+    /// backs off (it sleeps at once for its next 1, 2, 4, ... 64 chances), and a queue that
+    /// has gone to sleep does not poll again until a completion wakes it, so an idle target
     /// costs no CPU. At most 1 s.
     pub busy_poll: std::time::Duration,
 }

@@ -22,11 +22,11 @@
 //! `io_uring_enter` that submits what is queued and sleeps, and reads the channel or rdma_cm
 //! fd only when its poll fired.
 //!
-//! Busy polling (`TargetConfig::busy_poll`, off by default): before it arms and sleeps, a queue
-//! with at most one command in the works polls its CQs (and its ring, while drive I/O is in
-//! flight) for up to the budget, with a PAUSE between empty polls, so at queue depth 1 the next
-//! capsule or the drive completion is taken without a wake-up. The policy backs off after polls
-//! that find nothing (`spin.rs`), so a rarely used queue sleeps at once.
+//! Busy polling (`TargetConfig::busy_poll`, 1 ms by default, 0 turns it off): before it arms
+//! and sleeps, a queue with at most one command in the works polls its CQs (and its ring, while
+//! drive I/O is in flight) for up to the budget, with a PAUSE between empty polls, so at queue
+//! depth 1 the next capsule or the drive completion is taken without a wake-up. The policy
+//! backs off after polls that find nothing (`spin.rs`), so a rarely used queue sleeps at once.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -329,13 +329,7 @@ impl<'a> Queue<'a> {
                     continue;
                 }
                 self.busy_turns = 0;
-                done.clear();
-                self.io
-                    .ring()
-                    .reap(&mut done)
-                    .map_err(|source| QueueError::Ring { op: "reap", source })?;
-                self.on_ring(&mut done)?;
-                self.flush_sends()?;
+                self.reap_ring(&mut done)?;
                 continue;
             }
             self.busy_turns = 0;
@@ -442,24 +436,31 @@ impl<'a> Queue<'a> {
                 self.flush_sends()?;
                 return Ok(true);
             }
-            if self.backend_ios() > 0 {
-                done.clear();
-                let m = self
-                    .io
-                    .ring()
-                    .reap(done)
-                    .map_err(|source| QueueError::Ring { op: "reap", source })?;
-                if m > 0 {
-                    self.on_ring(done)?;
-                    self.flush_sends()?;
-                    return Ok(true);
-                }
+            if self.backend_ios() > 0 && self.reap_ring(done)? > 0 {
+                return Ok(true);
             }
             if start.elapsed() >= self.spin.budget() || self.ctl.kill.load(Ordering::Acquire) {
                 return Ok(false);
             }
             std::hint::spin_loop();
         }
+    }
+
+    /// Reaps the ring's ready completions without sleeping, handles them, and posts the work
+    /// requests they queued; returns how many there were.
+    fn reap_ring(
+        &mut self,
+        done: &mut Vec<uring::Completion<PoolBuf>>,
+    ) -> Result<usize, QueueError> {
+        done.clear();
+        let n = self
+            .io
+            .ring()
+            .reap(done)
+            .map_err(|source| QueueError::Ring { op: "reap", source })?;
+        self.on_ring(done)?;
+        self.flush_sends()?;
+        Ok(n)
     }
 
     /// Arms the CQs the queue must wake for: always the receive CQ, the send CQ while an RDMA
