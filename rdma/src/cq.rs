@@ -207,12 +207,12 @@ impl Completion {
         }
     }
 
-    fn from_raw(wc: &ibv_wc) -> Completion {
+    fn from_raw(wc: &ibv_wc, inv_flags: u32) -> Completion {
         let flags = wc.wc_flags;
         // SAFETY: reading a plain u32 union field; which one is meaningful depends on flags.
         let union_val = unsafe { wc.imm_data_invalidated_rkey_union.imm_data };
         let with_imm = flags & ibv_wc_flags::IBV_WC_WITH_IMM.0 != 0;
-        let with_inv = flags & ibv_wc_flags::IBV_WC_WITH_INV.0 != 0;
+        let with_inv = flags & inv_flags != 0 && WcOpcode::from_raw(wc.opcode).is_recv();
         Completion {
             wr_id: wc.wr_id,
             status: WcStatus::from_raw(wc.status),
@@ -226,6 +226,24 @@ impl Completion {
     }
 }
 
+/// The `wc_flags` bits that report a remote invalidation on `ctx`'s device:
+/// `IBV_WC_WITH_INV`, and on soft-RoCE also bit 2. rxe (Linux 6.12,
+/// `drivers/infiniband/sw/rxe/rxe_resp.c`) writes the kernel's `IB_WC_WITH_INVALIDATE`
+/// (`1 << 2`) unconverted into the CQE it shares with userspace, where libibverbs calls that
+/// bit `IBV_WC_IP_CSUM_OK` and expects `IBV_WC_WITH_INV` (`1 << 3`); it never sets a checksum
+/// flag on a receive there. Without this, a receiver on rxe cannot tell that its window is
+/// already dead, and its own LOCAL_INV of it then crashes that kernel (`rxe_invalidate_mw`
+/// does not check the window's state).
+fn inv_flags(ctx: &Context) -> u32 {
+    let inv = ibv_wc_flags::IBV_WC_WITH_INV.0;
+    match ctx.attributes() {
+        Ok(a) if a.vendor_id == crate::device::RXE_VENDOR_ID => {
+            inv | ibv_wc_flags::IBV_WC_IP_CSUM_OK.0
+        }
+        _ => inv,
+    }
+}
+
 /// A completion queue. Cheap to clone. QPs using it hold a clone.
 #[derive(Clone)]
 pub struct CompletionQueue {
@@ -236,6 +254,9 @@ pub(crate) struct CqInner {
     cq: *mut ibv_cq,
     ctx: Context,
     channel: Option<CompletionChannel>,
+    /// The `wc_flags` bits that mean "the peer's SEND_WITH_INV invalidated a key" on this
+    /// device (see [`inv_flags`]).
+    inv_flags: u32,
     /// QPs (by number) posting to this CQ, to release their in-flight buffers on completion.
     pub(crate) qps: Mutex<HashMap<u32, Weak<QpShared>>>,
 }
@@ -299,6 +320,7 @@ impl CompletionQueue {
                 cq,
                 ctx: ctx.clone(),
                 channel,
+                inv_flags: inv_flags(ctx),
                 qps: Mutex::new(HashMap::new()),
             }),
         })
@@ -348,7 +370,7 @@ impl CompletionQueue {
             let qps = self.inner.qps.lock().unwrap_or_else(|e| e.into_inner());
             for (i, wc) in wcs[..n].iter().enumerate() {
                 // SAFETY: ibv_poll_cq wrote the first n entries.
-                let c = Completion::from_raw(unsafe { wc.assume_init_ref() });
+                let c = Completion::from_raw(unsafe { wc.assume_init_ref() }, self.inner.inv_flags);
                 if let Some(qp) = qps.get(&c.qp_num).and_then(Weak::upgrade) {
                     qp.release(c.wr_id, c.status == WcStatus::Success, c.opcode.is_recv());
                 }

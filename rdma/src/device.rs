@@ -170,6 +170,8 @@ impl Context {
             .into_owned();
         Ok(DeviceAttributes {
             fw_ver: fw,
+            vendor_id: a.vendor_id,
+            vendor_part_id: a.vendor_part_id,
             max_mr_size: a.max_mr_size,
             max_qp: a.max_qp as u32,
             max_qp_wr: a.max_qp_wr as u32,
@@ -286,11 +288,18 @@ impl Context {
     }
 }
 
+/// The vendor id soft-RoCE (the kernel's `rdma_rxe`) reports.
+pub const RXE_VENDOR_ID: u32 = 0xFF_FFFF;
+
 /// Device limits and capabilities (`ibv_query_device`).
 #[derive(Debug, Clone)]
 pub struct DeviceAttributes {
     /// Firmware version.
     pub fw_ver: String,
+    /// IEEE OUI of the vendor (soft-RoCE: [`RXE_VENDOR_ID`]).
+    pub vendor_id: u32,
+    /// The vendor's part number.
+    pub vendor_part_id: u32,
     /// Largest memory region, in bytes.
     pub max_mr_size: u64,
     /// Most QPs.

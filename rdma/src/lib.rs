@@ -56,7 +56,7 @@ pub use cq::{
 };
 pub use device::{
     device_names, mtu_bytes, Context, DeviceAttributes, GidEntry, GidType, PortAttributes,
-    PortState,
+    PortState, RXE_VENDOR_ID,
 };
 pub use error::{Errno, Error, MemoryKind, PeerMemoryCause, Result, WcStatus};
 pub use mr::{MemoryRegion, RemoteBuf, Sge};
