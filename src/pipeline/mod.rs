@@ -94,9 +94,11 @@
 //! A replica registers its buffer chunks once with local access plus `MW_BIND` only — the MR's
 //! rkey grants nothing remotely. For each block it binds a type-2 memory window over exactly
 //! the block's target buffer (exactly the block's length, remote write only), and advertises
-//! that window's rkey. The primary sends `BlockSent` with SEND_WITH_INVALIDATE of that rkey,
-//! or the replica posts a LOCAL_INV before it reads the buffer; either way the key dies before
-//! the drive write starts, so a late or rogue WRITE cannot change data in flight to the drive.
+//! that window's rkey. The primary sends `BlockSent` with SEND_WITH_INVALIDATE of that rkey
+//! (protocol version 3); when the receive completion says the NIC invalidated exactly the
+//! slot's current key the replica writes at once, else (a plain SEND, another key) it posts
+//! a LOCAL_INV and writes on its completion. Either way the key dies before the drive write
+//! starts, so a late or rogue WRITE cannot change data in flight to the drive.
 //! Each re-bind changes the key's low 8 bits, so old keys do not come back to life for 256
 //! binds. The primary never exposes remote access to its own memory.
 

@@ -10,13 +10,17 @@
 //! [`ProtocolError`]; the connection that produced it must be ended, because a peer that sends
 //! one malformed message cannot be trusted to describe buffers correctly.
 //!
+//! Messages travel in SENDs of 1 to [`MAX_PACKED`] messages each (one SEND and its ACK per
+//! batch, not per message: on soft-RoCE a SEND's fixed cost is that of many payload packets).
+//!
 //! Conversation (primary `P`, replica `R`; `seq` is the block index inside the range):
 //! ```text
 //! P -> R  Hello{config}                      R -> P  HelloAck{granted window, capacity}
 //! R -> P  BufferReady{seq, addr, rkey, len}  (one per block, in seq order, <= window open)
 //! P: RDMA WRITE block seq into (addr, rkey); then
-//! P -> R  BlockSent{seq, offset, len}        (RC ordering: the write is placed before this)
-//! R: invalidate rkey, write to drive, flush if volatile cache, then
+//! P -> R  BlockSent{seq, offset, len}        (RC ordering: the write is placed before this;
+//!                                            sent as SEND_WITH_INV of rkey)
+//! R: rkey invalidated (else LOCAL_INV), write to drive, flush if volatile cache, then
 //! R -> P  BlockWritten{seq, status}          (any order, each seq exactly once)
 //! P -> R  VerifyRequest{seq}   R -> P VerifyResult{seq, len, crc}   (only with --verify)
 //! P -> R  Fin{blocks, bytes}                 R -> P Fin{blocks, bytes}
@@ -56,8 +60,17 @@ use std::fmt;
 pub const MSG_LEN: usize = 64;
 /// `b"PPRP"` read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"PPRP");
-/// Protocol version spoken by this build (2: `BlockSent` lost its unchecked checksum).
-pub const VERSION: u8 = 2;
+/// Protocol version spoken by this build (2: `BlockSent` lost its unchecked checksum; 3:
+/// `BlockSent` is a SEND_WITH_INV of the window key its block was written through, so the
+/// replica need not invalidate the window itself; a version-2 replica would invalidate it a
+/// second time, which soft-RoCE does not survive, hence the bump).
+pub const VERSION: u8 = 3;
+/// Most messages one SEND carries (version 3): a SEND's payload is 1 to `MAX_PACKED` whole
+/// messages, back to back, handled in order as if each had come alone. A sender packs the
+/// messages it has ready at once (a replica's acks and advertisements after a flush); a
+/// receiver posts receive buffers of `MAX_PACKED * MSG_LEN` bytes. A payload that is not a
+/// whole number of messages is malformed.
+pub const MAX_PACKED: usize = 8;
 /// Largest block size a peer may propose (the receive side must size buffers for it).
 pub const MAX_BLOCK_SIZE: u32 = 64 << 20;
 /// Largest number of blocks in flight per replica a peer may propose.

@@ -28,14 +28,17 @@ pub const PRIMARY_JSON: &str = "\
    \"wait\":\"events|busy\",\"block_size\":N,\"window\":N,\"bytes\":N,\"blocks\":N,
    \"replicated_bytes\":N,\"seconds\":F,\"mb_per_s\":F,\"iops\":F,
    \"latency_us\":{\"p50\":F,\"p99\":F,\"p999\":F,\"max\":F},\"cpu_seconds\":F,
-   \"payload_bytes_copied\":N,\"verified_blocks\":N,\"unreplicated\":[[start,end],...],
+   \"payload_bytes_copied\":N,\"control_messages\":N,\"control_sends\":N,
+   \"verified_blocks\":N,\"unreplicated\":[[start,end],...],
    \"mismatches\":[[[start,end],...] per replica],\"replica_errors\":[null|\"why\" per replica]}";
 
 /// The `--output-format=json` summary of `peerpipe replica`, printed by its `--help`.
 pub const REPLICA_JSON: &str = "\
 --output-format=json: one object on stdout at exit:
   {\"end\":\"fin|primary_gone\",\"primary_gone\":null|\"why\",\"blocks_written\":N,
-   \"bytes_written\":N,\"failed_blocks\":N,\"payload_bytes_copied\":N,\"cpu_seconds\":F}";
+   \"bytes_written\":N,\"failed_blocks\":N,\"payload_bytes_copied\":N,
+   \"control_messages\":N,\"control_sends\":N,\"windows_invalidated_by_primary\":N,
+   \"windows_invalidated_locally\":N,\"cpu_seconds\":F}";
 
 /// The trust model, printed by both roles' `--help`.
 pub const TRUST: &str = "\

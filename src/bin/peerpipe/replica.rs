@@ -52,6 +52,14 @@ pub struct Summary {
     pub failed_blocks: u64,
     /// Payload bytes the CPU copied (0 when zero-copy).
     pub payload_bytes_copied: u64,
+    /// Control messages sent to the primary.
+    pub control_messages: u64,
+    /// SENDs that carried them (several messages per SEND when ready at once).
+    pub control_sends: u64,
+    /// Blocks whose window the primary's SEND_WITH_INV invalidated.
+    pub windows_invalidated_by_primary: u64,
+    /// Blocks whose window this replica invalidated itself (LOCAL_INV).
+    pub windows_invalidated_locally: u64,
     /// CPU time of the engine.
     pub cpu_seconds: f64,
 }
@@ -102,12 +110,16 @@ fn run(o: &Replica) -> Result<u8, EngineError> {
         }
     };
     say(format!(
-        "replica: wrote {} blocks ({} bytes), {} failed, payload bytes copied by the CPU: {}, CPU {:.3} s",
+        "replica: wrote {} blocks ({} bytes), {} failed, payload bytes copied by the CPU: {}, CPU {:.3} s, control messages {} in {} SENDs, windows invalidated by the primary {} / locally {}",
         report.blocks_written,
         report.bytes_written,
         report.failed_blocks,
         report.payload_bytes_copied,
-        report.cpu.as_secs_f64()
+        report.cpu.as_secs_f64(),
+        report.messages.messages,
+        report.messages.sends,
+        report.windows_invalidated_by_primary,
+        report.windows_invalidated_locally,
     ));
     if o.shared.json() {
         print_json(&Summary {
@@ -117,6 +129,10 @@ fn run(o: &Replica) -> Result<u8, EngineError> {
             bytes_written: report.bytes_written,
             failed_blocks: report.failed_blocks,
             payload_bytes_copied: report.payload_bytes_copied,
+            control_messages: report.messages.messages,
+            control_sends: report.messages.sends,
+            windows_invalidated_by_primary: report.windows_invalidated_by_primary,
+            windows_invalidated_locally: report.windows_invalidated_locally,
             cpu_seconds: report.cpu.as_secs_f64(),
         });
     }

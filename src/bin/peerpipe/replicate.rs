@@ -77,6 +77,10 @@ pub struct Summary {
     pub cpu_seconds: f64,
     /// Payload bytes the CPU copied (0 when zero-copy).
     pub payload_bytes_copied: u64,
+    /// Control messages sent to the replicas.
+    pub control_messages: u64,
+    /// SENDs that carried them (several messages per SEND when ready at once).
+    pub control_sends: u64,
     /// Block copies read back and compared equal.
     pub verified_blocks: u64,
     /// Byte ranges `[start, end)` not acked by every replica.
@@ -130,6 +134,8 @@ impl Summary {
             },
             cpu_seconds: rep.cpu.as_secs_f64(),
             payload_bytes_copied: rep.payload_bytes_copied,
+            control_messages: rep.messages.messages,
+            control_sends: rep.messages.sends,
             verified_blocks: oc.verified_blocks,
             unreplicated: oc.unreplicated.iter().map(pair).collect(),
             mismatches: oc
@@ -252,7 +258,7 @@ fn print_summary(o: &Replicate, rep: &PrimaryReport) {
     } else {
         let p = &sum.latency_us;
         println!(
-            "{} {} bytes to {n} replica(s) in {:.3} s: {:.2} MB/s, {:.0} IOPS, latency p50 {:.0} us p99 {:.0} us p999 {:.0} us, CPU {:.3} s, payload bytes copied by the CPU: {}",
+            "{} {} bytes to {n} replica(s) in {:.3} s: {:.2} MB/s, {:.0} IOPS, latency p50 {:.0} us p99 {:.0} us p999 {:.0} us, CPU {:.3} s, payload bytes copied by the CPU: {}, control messages {} in {} SENDs",
             if oc.success { "replicated" } else { "FAILED:" },
             oc.replicated_bytes,
             sum.seconds,
@@ -262,7 +268,9 @@ fn print_summary(o: &Replicate, rep: &PrimaryReport) {
             p.p99,
             p.p999,
             sum.cpu_seconds,
-            rep.payload_bytes_copied
+            rep.payload_bytes_copied,
+            rep.messages.messages,
+            rep.messages.sends,
         );
         if o.verify {
             println!("verified {} block copies", oc.verified_blocks);

@@ -7,10 +7,11 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use crate::protocol::{Message, MSG_LEN};
+use crate::protocol::{Message, MAX_PACKED, MSG_LEN};
 use crate::rdma::{
     self, Access, CompletionChannel, CompletionQueue, ConnParams, ConnectRequest, Connection,
-    Connector, Context, MemoryRegion, ProtectionDomain, QpCaps, QpInit, RecvRequest, SendRequest,
+    Connector, Context, MemoryRegion, ProtectionDomain, QpCaps, QpInit, RecvRequest, SendOp,
+    SendRequest,
 };
 
 use super::auth::{self, AuthError, Secret};
@@ -29,14 +30,31 @@ pub(crate) const WR_INV: u64 = 4 << 60;
 pub(crate) const WR_BIND: u64 = 5 << 60;
 pub(crate) const WR_MASK: u64 = 0xf << 60;
 
-fn caps() -> QpCaps {
+/// Bytes of one receive buffer: the most messages a SEND may carry.
+const RECV_LEN: usize = MAX_PACKED * MSG_LEN;
+
+/// How many messages this side packs into one inline SEND on `ctx`'s device: as many as
+/// [`MAX_PACKED`] and the device's inline limit allow (at least one).
+fn pack_for(ctx: &Context) -> usize {
+    let inline = ctx.max_inline_data().unwrap_or(MSG_LEN as u32) as usize;
+    (inline / MSG_LEN).clamp(1, MAX_PACKED)
+}
+
+fn caps(pack: usize) -> QpCaps {
     QpCaps {
         max_send_wr: 1024,
         max_recv_wr: RECV_DEPTH as u32,
         max_send_sge: 1,
         max_recv_sge: 1,
-        max_inline_data: MSG_LEN as u32,
+        max_inline_data: (pack * MSG_LEN) as u32,
     }
+}
+
+/// The messages a received payload carries, in order (an empty payload yields itself, so
+/// that decoding it reports it as malformed; so does a tail shorter than a message).
+pub(crate) fn messages(payload: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let empty = payload.is_empty().then_some(payload);
+    empty.into_iter().chain(payload.chunks(MSG_LEN))
 }
 
 fn params(timeout: Duration, private_data: Vec<u8>) -> ConnParams {
@@ -66,6 +84,12 @@ pub(crate) struct Link {
     pending: RefCell<Vec<SendRequest>>,
     /// Unsignalled WRs queued since the last signalled one (see [`queue`](Link::queue)).
     unsignalled: Cell<u32>,
+    /// Control messages queued since the last SEND was made of them, encoded back to back.
+    msgs: RefCell<Vec<u8>>,
+    /// Messages per SEND (see [`pack_for`]).
+    pack: usize,
+    /// Control messages queued and SENDs that carried them, since the link was made.
+    counts: Cell<(u64, u64)>,
 }
 
 /// At most this many unsignalled WRs in a row: their send-queue slots are freed only by a
@@ -89,7 +113,7 @@ fn resources(
     .map_err(|e| EngineError::rdma("completion queue", e))?;
     let recv = MemoryRegion::alloc(
         &pd,
-        RECV_DEPTH * MSG_LEN,
+        RECV_DEPTH * RECV_LEN,
         Access::local_read().local_write(),
     )
     .map_err(|e| EngineError::rdma("receive buffers", e))?;
@@ -99,7 +123,7 @@ fn resources(
 fn recv_wr(mr: &MemoryRegion, i: usize) -> rdma::Result<RecvRequest> {
     Ok(RecvRequest::new(
         WR_RECV | i as u64,
-        vec![mr.sge(i * MSG_LEN, MSG_LEN)?],
+        vec![mr.sge(i * RECV_LEN, RECV_LEN)?],
     ))
 }
 
@@ -150,14 +174,15 @@ impl Link {
             let (pd, cq, recv) = resources(c.context(), wait)?;
             // SAFETY: the regions live in the Link, which the engine drops before its slots.
             let mrs = unsafe { slots.register(&pd, Access::local_read().local_write(), false)? };
-            let init = QpInit::new(&pd, &cq).caps(caps());
+            let pack = pack_for(c.context());
+            let init = QpInit::new(&pd, &cq).caps(caps(pack));
             let nonce_p = auth::nonce()?;
             let pd_out = secret.map_or(Vec::new(), |_| auth::request(&nonce_p));
             match c.connect_with(&init, &params(timeout, pd_out), |qp| {
                 post_all_recvs(qp, &recv)
             }) {
                 Ok(conn) => {
-                    let link = Link::established(conn, cq, recv, mrs, pd);
+                    let link = Link::established(conn, cq, recv, mrs, pd, pack);
                     if let Some(s) = secret {
                         let proof = auth::primary_proof(s, &nonce_p, link.conn.peer_private_data())
                             .map_err(|why| refused(why.to_string()))?;
@@ -199,13 +224,14 @@ impl Link {
         // Offset-based addresses: the windows the primary writes through name no VA of ours.
         let mrs =
             unsafe { slots.register(&pd, Access::local_read().local_write().mw_bind(), true)? };
-        let init = QpInit::new(&pd, &cq).caps(caps());
+        let pack = pack_for(req.context());
+        let init = QpInit::new(&pd, &cq).caps(caps(pack));
         let conn = req
             .accept_with(&init, &params(timeout, private_data), |qp| {
                 post_all_recvs(qp, &recv)
             })
             .map_err(|e| EngineError::rdma("accept", e))?;
-        Ok(Link::established(conn, cq, recv, mrs, pd))
+        Ok(Link::established(conn, cq, recv, mrs, pd, pack))
     }
 
     /// A live link over a just-established connection, with nothing queued.
@@ -215,6 +241,7 @@ impl Link {
         recv: MemoryRegion,
         mrs: HashMap<u32, MemoryRegion>,
         pd: ProtectionDomain,
+        pack: usize,
     ) -> Link {
         Link {
             conn,
@@ -225,6 +252,9 @@ impl Link {
             alive: true,
             pending: RefCell::new(Vec::new()),
             unsignalled: Cell::new(0),
+            msgs: RefCell::new(Vec::new()),
+            pack,
+            counts: Cell::new((0, 0)),
         }
     }
 
@@ -240,19 +270,53 @@ impl Link {
         self.pending.borrow_mut().push(wr);
     }
 
-    /// Queues a control message: an inline SEND, unsignalled. Its send-queue slot is freed
-    /// by the next signalled WR's completion (RC completes in order); a failure still
-    /// produces an error completion.
+    /// Queues a control message. Messages queued before a [`flush`](Self::flush) travel
+    /// packed, up to `pack` per inline SEND (unsignalled: its send-queue slot is freed by the
+    /// next signalled WR's completion, as RC completes in order; a failure still produces an
+    /// error completion), in the order they were queued, after the other WRs queued by
+    /// then. Moving a message behind WRs queued after it only delays it: no WR depends on
+    /// a message having gone first (a window's bind must precede the message naming its key,
+    /// and still does).
     pub(crate) fn queue_msg(&self, m: &Message) {
-        self.queue(SendRequest::send_inline(WR_SEND, &m.encode()).unsignaled());
+        self.msgs.borrow_mut().extend_from_slice(&m.encode());
+        let (msgs, sends) = self.counts.get();
+        self.counts.set((msgs + 1, sends));
     }
 
-    /// Posts everything queued, in order, as one chain.
+    /// Queues the messages waiting to be packed, as SENDs, behind the WRs queued so far.
+    fn pack_msgs(&self) {
+        let msgs = std::mem::take(&mut *self.msgs.borrow_mut());
+        for chunk in msgs.chunks(self.pack * MSG_LEN) {
+            self.queue(SendRequest::send_inline(WR_SEND, chunk).unsignaled());
+            let (m, sends) = self.counts.get();
+            self.counts.set((m, sends + 1));
+        }
+    }
+
+    /// Queues a control message alone, as an inline SEND_WITH_INV of `rkey` (the window of
+    /// the peer's that the WRITE before it went through), after the messages queued before
+    /// it; unsignalled like [`queue_msg`](Self::queue_msg).
+    pub(crate) fn queue_msg_invalidating(&self, m: &Message, rkey: u32) {
+        self.pack_msgs();
+        let mut wr = SendRequest::send_inline(WR_SEND, &m.encode()).unsignaled();
+        wr.op = SendOp::SendWithInv(rkey);
+        self.queue(wr);
+        let (msgs, sends) = self.counts.get();
+        self.counts.set((msgs + 1, sends + 1));
+    }
+
+    /// Control messages queued and the SENDs that carried them, since the link was made.
+    pub(crate) fn message_counts(&self) -> (u64, u64) {
+        self.counts.get()
+    }
+
+    /// Posts everything queued, in order, as one chain (the messages packed at its end).
     ///
     /// # Errors
     /// The verbs error of `ibv_post_send` (EINVAL: the QP is in the error state; ENOMEM:
     /// send queue full). WRs before the failing one were posted.
     pub(crate) fn flush(&self) -> Result<(), rdma::Error> {
+        self.pack_msgs();
         let mut q = self.pending.borrow_mut();
         if q.is_empty() {
             return Ok(());
@@ -271,14 +335,15 @@ impl Link {
         self.flush()
     }
 
-    /// A received control message: copies its bytes out and re-posts the receive.
+    /// A received SEND's payload (`len` bytes, at most a receive buffer's): copies it out
+    /// and re-posts the receive. Split it with [`messages`].
     ///
     /// # Errors
     /// The verbs error of reading the buffer or re-posting.
-    pub(crate) fn take_recv(&self, wr_id: u64) -> Result<[u8; MSG_LEN], rdma::Error> {
+    pub(crate) fn take_recv(&self, wr_id: u64, len: u32) -> Result<Vec<u8>, rdma::Error> {
         let i = (wr_id & !WR_MASK) as usize;
-        let mut b = [0u8; MSG_LEN];
-        self.recv.read_at(i * MSG_LEN, &mut b)?;
+        let mut b = vec![0u8; (len as usize).min(RECV_LEN)];
+        self.recv.read_at(i * RECV_LEN, &mut b)?;
         self.conn.post_recv(&[recv_wr(&self.recv, i)?])?;
         Ok(b)
     }
@@ -306,7 +371,13 @@ impl Link {
                     });
                 }
                 if wc.wr_id & WR_MASK == WR_RECV {
-                    return Ok(self.take_recv(wc.wr_id)?);
+                    // The proof travels alone; anything else is not a proof.
+                    let b = self.take_recv(wc.wr_id, wc.byte_len)?;
+                    let mut m = [0u8; MSG_LEN];
+                    if b.len() == MSG_LEN {
+                        m.copy_from_slice(&b);
+                    }
+                    return Ok(m);
                 }
             }
             if Instant::now() > end {
@@ -316,5 +387,30 @@ impl Link {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_payload_splits_into_whole_messages_and_a_short_tail_is_kept_to_be_refused() {
+        let payload: Vec<u8> = (0..3 * MSG_LEN + 10).map(|i| i as u8).collect();
+        let parts: Vec<&[u8]> = messages(&payload).collect();
+        assert_eq!(parts.len(), 4);
+        assert!(parts[..3].iter().all(|p| p.len() == MSG_LEN));
+        assert_eq!(parts[1][0], MSG_LEN as u8);
+        assert_eq!(parts[3].len(), 10);
+        // An empty SEND yields one empty message, which decoding refuses.
+        let empty: Vec<&[u8]> = messages(&[]).collect();
+        assert_eq!(empty, vec![&[] as &[u8]]);
+        assert!(Message::decode(empty[0]).is_err());
+    }
+
+    #[test]
+    fn receive_buffers_hold_the_most_a_send_may_carry() {
+        assert_eq!(RECV_LEN, MAX_PACKED * MSG_LEN);
+        assert_eq!(caps(MAX_PACKED).max_inline_data as usize, RECV_LEN);
     }
 }

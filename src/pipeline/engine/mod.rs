@@ -464,6 +464,28 @@ pub enum Event {
     },
 }
 
+/// Control messages a side sent and the SENDs that carried them: up to
+/// [`crate::protocol::MAX_PACKED`] messages go in one SEND when several are ready at once.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MessageCounts {
+    /// Control messages sent.
+    pub messages: u64,
+    /// SENDs that carried them.
+    pub sends: u64,
+}
+
+impl MessageCounts {
+    fn of(links: &[link::Link]) -> MessageCounts {
+        links.iter().fold(MessageCounts::default(), |acc, l| {
+            let (messages, sends) = l.message_counts();
+            MessageCounts {
+                messages: acc.messages + messages,
+                sends: acc.sends + sends,
+            }
+        })
+    }
+}
+
 /// User + system CPU time of the calling thread (`RUSAGE_THREAD`), the one that runs the
 /// engine's loop: other threads of an embedding process are not counted. Zero if the kernel
 /// refuses the call.

@@ -7,16 +7,18 @@ use std::time::{Duration, Instant};
 use crate::pipeline::{
     crc32c, CopyMeter, Failure, Layout, Outcome, Percentiles, PrimaryAction, PrimaryCore,
 };
-use crate::protocol::MSG_LEN;
+use crate::protocol::Message;
 use crate::rdma::{self, Completion as WorkCompletion, SendOp, SendRequest, WcOpcode, WcStatus};
 
 use super::drive::{Backend, Drive};
-use super::link::{Link, WR_MASK, WR_RECV, WR_WRITE};
+use super::link::{self, Link, WR_MASK, WR_RECV, WR_WRITE};
 use super::pace::Pacer;
 use super::slots::{BufferInfo, DriveBuf, Slots};
 use super::turn::{self, Idle, Next, Role};
 use super::wait::Waiter;
-use super::{cpu_time, wait_bound, CopyMode, EngineError, Event, PrimaryConfig, WaitMode};
+use super::{
+    cpu_time, wait_bound, CopyMode, EngineError, Event, MessageCounts, PrimaryConfig, WaitMode,
+};
 use crate::uring::{AlignedBuf, Completion};
 
 /// The result of a primary run. `outcome.success` is true only when every block was acked
@@ -34,6 +36,8 @@ pub struct PrimaryReport {
     pub cpu: Duration,
     /// Payload bytes the CPU copied (0 in zero-copy mode).
     pub payload_bytes_copied: u64,
+    /// Control messages sent to the replicas, and the SENDs that carried them.
+    pub messages: MessageCounts,
     /// Blocks in flight at most.
     pub window: u32,
     /// The range and its blocks.
@@ -190,6 +194,7 @@ impl PrimaryEngine {
             quiet_since: vec![Instant::now(); n],
             pacer: Pacer::new(cfg.rate, t0),
             paced: VecDeque::new(),
+            written: vec![None; n],
             t0,
             last_report: Instant::now(),
             observe,
@@ -205,6 +210,7 @@ impl PrimaryEngine {
             elapsed,
             cpu,
             payload_bytes_copied: role.meter.bytes(),
+            messages: MessageCounts::of(links),
             window: self.window,
             layout,
             buffers: role.slots.info.clone(),
@@ -237,6 +243,9 @@ struct PrimaryRole<'a> {
     pacer: Pacer,
     /// Reads the pacer holds back, in order; they go once it says they are due.
     paced: VecDeque<PrimaryAction>,
+    /// Per replica: the block whose WRITE was queued last and the window key it used, for
+    /// the `BlockSent` the core asks for right after it.
+    written: Vec<Option<(u64, u32)>>,
     t0: Instant,
     last_report: Instant,
     observe: &'a mut dyn FnMut(Event),
@@ -259,8 +268,18 @@ impl PrimaryRole<'_> {
         let out = &mut self.out;
         match a {
             PrimaryAction::Send { replica, msg } => {
+                // A block's BlockSent follows its WRITE: it invalidates the window the WRITE
+                // went through (SEND_WITH_INV), so the replica need not post its own
+                // LOCAL_INV before it writes the block to its drive.
+                let inv = match (&msg, self.written[replica].take()) {
+                    (Message::BlockSent { seq, .. }, Some((s, rkey))) if *seq == s => Some(rkey),
+                    _ => None,
+                };
                 if links[replica].alive {
-                    links[replica].queue_msg(&msg);
+                    match inv {
+                        Some(rkey) => links[replica].queue_msg_invalidating(&msg, rkey),
+                        None => links[replica].queue_msg(&msg),
+                    }
                 }
             }
             PrimaryAction::Read { seq, offset, len } => {
@@ -309,15 +328,18 @@ impl PrimaryRole<'_> {
                 // Queued: posted with the BlockSent the core asks for next, in one chain (RC
                 // keeps them in order on the QP).
                 match mr.sge(at, remote.len as usize) {
-                    Ok(sge) => link.queue(SendRequest::new(
-                        WR_WRITE | seq,
-                        SendOp::Write(rdma::RemoteBuf {
-                            addr: remote.addr,
-                            len: remote.len,
-                            rkey: remote.rkey,
-                        }),
-                        vec![sge],
-                    )),
+                    Ok(sge) => {
+                        self.written[replica] = Some((seq, remote.rkey));
+                        link.queue(SendRequest::new(
+                            WR_WRITE | seq,
+                            SendOp::Write(rdma::RemoteBuf {
+                                addr: remote.addr,
+                                len: remote.len,
+                                rkey: remote.rkey,
+                            }),
+                            vec![sge],
+                        ))
+                    }
                     Err(e) => {
                         let why = Failure::op("describing the write's source", e);
                         core.on_write_done(replica, seq, Err(why), out)
@@ -401,13 +423,23 @@ impl Role for PrimaryRole<'_> {
         } else {
             match wc.wr_id & WR_MASK {
                 WR_WRITE => core.on_write_done(r, wc.wr_id & !WR_MASK, Ok(()), out),
-                WR_RECV if wc.opcode == WcOpcode::Recv => match links[r].take_recv(wc.wr_id) {
-                    Ok(b) => {
-                        let m = &b[..wc.byte_len.min(MSG_LEN as u32) as usize];
-                        core.on_message(r, m, out)
+                WR_RECV if wc.opcode == WcOpcode::Recv => {
+                    match links[r].take_recv(wc.wr_id, wc.byte_len) {
+                        Ok(b) => {
+                            // A violation ends the replica in the core; what followed it
+                            // in the same SEND is not looked at.
+                            for m in link::messages(&b) {
+                                if !core.is_alive(r) {
+                                    break;
+                                }
+                                core.on_message(r, m, out);
+                            }
+                        }
+                        Err(e) => {
+                            core.on_replica_lost(r, Failure::op("receiving a message", e), out)
+                        }
                     }
-                    Err(e) => core.on_replica_lost(r, Failure::op("receiving a message", e), out),
-                },
+                }
                 _ => {}
             }
         }

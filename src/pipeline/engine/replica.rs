@@ -6,7 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::pipeline::{crc32c, CopyMeter, ReplicaAction, ReplicaCore};
-use crate::protocol::{Message, ProtocolError, ReplicaTarget, Status, MSG_LEN};
+use crate::protocol::{Message, ProtocolError, ReplicaTarget, Status};
 use crate::rdma::{
     self, Completion as WorkCompletion, Listener, MemoryWindow, SendOp, SendRequest, WcOpcode,
     WcStatus, WindowAccess,
@@ -14,11 +14,11 @@ use crate::rdma::{
 
 use super::auth::{AuthError, Verdict};
 use super::drive::{Backend, Drive, WriteCache};
-use super::link::{Link, WR_BIND, WR_INV, WR_MASK, WR_RECV};
+use super::link::{self, Link, WR_BIND, WR_INV, WR_MASK, WR_RECV};
 use super::slots::{BufferInfo, DriveBuf, Slots};
 use super::turn::{self, Idle, Next, Role};
 use super::wait::Waiter;
-use super::{cpu_time, wait_bound, CopyMode, EngineError, Event, ReplicaConfig};
+use super::{cpu_time, wait_bound, CopyMode, EngineError, Event, MessageCounts, ReplicaConfig};
 use crate::uring::{AlignedBuf, Completion};
 
 /// How a replica's run ended (both are orderly ends; errors are [`EngineError`]s).
@@ -48,6 +48,12 @@ pub struct ReplicaReport {
     /// CPU time (user + system) of the thread that ran the engine, from the connection to the
     /// end (`RUSAGE_THREAD`: other threads of the process are not counted).
     pub cpu: Duration,
+    /// Control messages sent to the primary, and the SENDs that carried them.
+    pub messages: MessageCounts,
+    /// Blocks whose window the primary's `BlockSent` invalidated (SEND_WITH_INV).
+    pub windows_invalidated_by_primary: u64,
+    /// Blocks whose window this replica invalidated itself (LOCAL_INV).
+    pub windows_invalidated_locally: u64,
 }
 
 /// A drive operation in flight. Its buffer is not here: the ring owns it until the completion
@@ -240,6 +246,8 @@ impl ReplicaEngine {
             out: Vec::new(),
             actions: VecDeque::new(),
             pending_write: HashMap::new(),
+            invalidated_by_peer: vec![false; mws.len()],
+            invalidations: (0, 0),
             ios: HashMap::new(),
             next_tag: 1,
             unflushed: Vec::new(),
@@ -256,6 +264,9 @@ impl ReplicaEngine {
             failed_blocks: role.core.failed_blocks(),
             payload_bytes_copied: role.meter.bytes(),
             cpu: cpu_time().saturating_sub(cpu0),
+            messages: MessageCounts::of(&links[..]),
+            windows_invalidated_by_primary: role.invalidations.0,
+            windows_invalidated_locally: role.invalidations.1,
         })
     }
 }
@@ -278,6 +289,11 @@ struct ReplicaRole<'a> {
     actions: VecDeque<ReplicaAction>,
     /// Per slot: the block whose window is being invalidated before its drive write.
     pending_write: HashMap<usize, (u64, u64, u32)>,
+    /// Per slot: the primary's `BlockSent` came as a SEND_WITH_INV of the slot's current
+    /// window key, so the window is already dead and needs no LOCAL_INV.
+    invalidated_by_peer: Vec<bool>,
+    /// Windows invalidated by the primary, and by us.
+    invalidations: (u64, u64),
     /// Drive operations in flight, by tag.
     ios: HashMap<u64, Io>,
     next_tag: u64,
@@ -342,6 +358,8 @@ impl ReplicaRole<'_> {
                     .get(&chunk)
                     .ok_or(EngineError::Internal("slot chunk not registered"))?;
                 let mw = &self.mws[slot];
+                // A new key: whatever the peer invalidated before was an older one.
+                self.invalidated_by_peer[slot] = false;
                 let bind = SendRequest::bind_window(
                     WR_BIND | slot as u64,
                     mw,
@@ -369,8 +387,14 @@ impl ReplicaRole<'_> {
             } => {
                 let _block = tracing::debug_span!("block", seq).entered();
                 tracing::debug!(slot, offset, len, "write to the drive");
-                // Revoke the window before the drive reads the buffer.
+                // Revoke the window before the drive reads the buffer: the primary's
+                // SEND_WITH_INV did already, or our own LOCAL_INV does now.
                 self.pending_write.insert(slot, (seq, offset, len));
+                if std::mem::take(&mut self.invalidated_by_peer[slot]) {
+                    self.invalidations.0 += 1;
+                    return self.invalidated(slot, drive);
+                }
+                self.invalidations.1 += 1;
                 link.queue(SendRequest::new(
                     WR_INV | slot as u64,
                     SendOp::LocalInv(self.mws[slot].rkey()),
@@ -511,10 +535,19 @@ impl Role for ReplicaRole<'_> {
         let link = &links[r];
         match wc.wr_id & WR_MASK {
             WR_RECV if wc.opcode == WcOpcode::Recv => {
+                if let Some(k) = wc.invalidated_rkey {
+                    // Only the key a slot's window holds now counts: the NIC invalidated
+                    // exactly that window, so its block may go to the drive at once.
+                    if let Some(s) = self.mws.iter().position(|mw| mw.rkey() == k) {
+                        self.invalidated_by_peer[s] = true;
+                    }
+                }
                 let b = link
-                    .take_recv(wc.wr_id)
+                    .take_recv(wc.wr_id, wc.byte_len)
                     .map_err(|e| EngineError::rdma("receiving a message", e))?;
-                self.on_message(link, &b[..wc.byte_len.min(MSG_LEN as u32) as usize])?;
+                for m in link::messages(&b) {
+                    self.on_message(link, m)?;
+                }
             }
             WR_INV => self.invalidated((wc.wr_id & !WR_MASK) as usize, drive)?,
             _ => {}
