@@ -1,17 +1,34 @@
 #!/bin/bash
-# Replicator throughput vs. the bottleneck bound, all in one testbed VM run:
-#   cargo build --release -p peerpipe --bin peerpipe
-#   cargo xtask vm -- bash benches/replicator-bench.sh            # SIZE=256M RUNS=3 for the full run
-#   cargo xtask vm -- env SIZE=32M RUNS=3 MODES=host:none REPLICAS=1 WAITS="events busy" \
-#       bash benches/replicator-bench.sh                          # event-driven vs busy-poll wait
-# Prints a markdown table: fio read of the source, ib_write_bw -R between rxe0/rxe1, fio write
-# (+fsync at the end) of the target, all at block size BS and depth WINDOW; then the replicator
-# in each mode to 1 and 2 replicas (medians of RUNS runs; MB/s, CPU s per GiB, bytes copied),
-# with each wait mode in WAITS (events: sleep in io_uring on the RDMA completion channels; busy).
+# Replicator throughput against bounds that bound, all in one testbed VM run:
+#   cargo build --release -p peerpipe --bin peerpipe --example rdma_bw
+#   cargo xtask vm -- bash benches/replicator-bench.sh            # SIZE=32M RUNS=1
+#   cargo xtask vm -- env SIZE=128M RUNS=3 MODES="host:none host:bounce" REPLICAS="1 2" \
+#       bash benches/replicator-bench.sh
+#   PEERPIPE_VM_TCG=multi cargo xtask vm -- ...                   # multi-threaded TCG
+#
+# Each run first measures every stage alone, at block size BS and depth WINDOW, then runs the
+# replicator once per case (interleaved, so slow phases of the host hit all alike):
+#   R_read  fio sequential read of the source (io_uring, O_DIRECT)
+#   R_net   the best RDMA WRITE stream rxe0 -> rxe1 (the larger of perftest's ib_write_bw -R and
+#           peerpipe's rdma_bw; p2p modes: ib_write_bw with both buffers in /dev/p2pmem0)
+#   R_write fio sequential write of the target with the replicator's flush policy: when the
+#           target's write cache is volatile ("write back"), a flush every WINDOW writes
+#           (--fsync=WINDOW: the replica flushes once per batch of completed writes), + end fsync
+# and reports two bounds for N replicas (each replica's copy crosses rxe0 -> rxe1 and is
+# written to its own drive):
+#   serial bound  1 / (1/R_read + N/R_net + N/R_write): single-threaded TCG (the default) runs
+#                 every guest CPU cycle on one host thread, so stages cannot overlap
+#   min bound     min(R_read, R_net/N, R_write): where stages overlap (PEERPIPE_VM_TCG=multi,
+#                 hardware)
+# Guest CPU: busy time of the whole VM (/proc/stat: all CPUs, user+nice+system+irq+softirq)
+# per GiB moved, for each stage alone and for the replicator; "x stages" divides the
+# replicator's by R_read's + N x (R_net's + R_write's) (the network stage's tool is the one
+# that gave R_net).
 # Units: every rate is MB/s = 10^6 bytes/s, the replicator's own unit. fio's terse output gives
-# KiB/s (x 1024 / 10^6); perftest's "BW average[MB/sec]" is MiB/s (x 1048576 / 10^6 = 1.048576).
+# KiB/s (x 1024 / 10^6); perftest's and rdma_bw's "BW average[MB/sec]" is MiB/s (x 1.048576).
 set -u
 BIN=${BIN:-target/release/peerpipe}
+RDMA_BW=${RDMA_BW:-target/release/examples/rdma_bw}
 SIZE=${SIZE:-32M}; BS=${BS:-64K}; WINDOW=${WINDOW:-16}; RUNS=${RUNS:-1}
 MODES=${MODES:-"host:none p2p:none host:bounce"}
 WAITS=${WAITS:-events}; REPLICAS=${REPLICAS:-"1 2"}
@@ -20,94 +37,130 @@ dev() { for d in /sys/block/nvme*; do [ "$(cat $d/device/serial | tr -d ' ')" = 
 SRC=$(dev data1); D2=$(dev data2); D3=$(dev data3)
 bytes() { numfmt --from=iec "$1"; }
 N=$(( $(bytes $SIZE) / $(bytes $BS) ))
-median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+GIB=$(awk -v s=$(bytes $SIZE) 'BEGIN{print s/1073741824}')
+median() { tr ' ' '\n' | grep -v '^$' | grep -v FAIL | sort -g | awk '{a[NR]=$1} END {if (NR) print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 dd if=/dev/urandom of=$SRC bs=1M count=$(( $(bytes $SIZE) >> 20 )) oflag=direct status=none
 
-fio_mbs() { # rw dev -> MB/s (10^6 B/s); terse fields 7 / 48 are read / write bandwidth in KiB/s
-  fio --name=b --filename=$2 --rw=$1 --bs=$BS --iodepth=$WINDOW --ioengine=io_uring --direct=1 \
-      --size=$SIZE --end_fsync=1 --output-format=terse --terse-version=3 |
-    awk -F';' -v rw=$1 '{printf "%.2f\n", (rw=="read" ? $7 : $48) * 1.024 / 1000}'
+# Whole-VM busy CPU seconds so far (all CPUs; USER_HZ ticks).
+busy() { awk -v hz=$(getconf CLK_TCK) '/^cpu / {print ($2+$3+$4+$7+$8) / hz}' /proc/stat; }
+# per_gib T0 T1 [copies] -> CPU s per GiB of source data between two busy() readings
+per_gib() { awk -v a=$1 -v b=$2 -v g=$GIB 'BEGIN{printf "%.2f", (b-a)/g}'; }
+
+WCACHE=$(cat /sys/block/$(basename $D2)/queue/write_cache)
+FSYNC=$([ "$WCACHE" = "write back" ] && echo "--fsync=$WINDOW")
+fio_mbs() { # rw dev [fio args] -> "MB/s cpu_s_per_gib"; terse fields 7 / 48: read / write KiB/s
+  local rw=$1 d=$2; shift 2
+  local t0; t0=$(busy)
+  local kib; kib=$(fio --name=b --filename=$d --rw=$rw --bs=$BS --iodepth=$WINDOW --ioengine=io_uring \
+      --direct=1 --size=$SIZE --end_fsync=1 "$@" --output-format=terse --terse-version=3 |
+    awk -F';' -v rw=$rw '{print (rw=="read" ? $7 : $48)}')
+  echo "$(awk -v k=$kib 'BEGIN{printf "%.2f", k * 1.024 / 1000}') $(per_gib $t0 $(busy))"
 }
-ib_mbs() { # [extra ib_write_bw args, e.g. --mmap=/dev/p2pmem0 for buffers in p2pmem] -> MB/s
-  # perftest's BW average[MB/sec] (4th column) is MiB/s: convert to MB/s (10^6 B/s)
+mib_to_mbs() { awk '$1 ~ /^[0-9]+$/ && NF >= 5 {printf "%.2f\n", $4 * 1048576 / 1000000; exit}'; }
+ib_mbs() { # [extra ib_write_bw args, e.g. --mmap=/dev/p2pmem0] -> "MB/s cpu_s_per_gib"
+  local t0; t0=$(busy)
   ib_write_bw -R -d rxe1 -s $(bytes $BS) -n $N -t $WINDOW -p 18515 "$@" >/dev/null 2>&1 & local s=$!
   sleep 1
-  ib_write_bw -R -d rxe0 --source_ip $A0 -s $(bytes $BS) -n $N -t $WINDOW -p 18515 "$@" $A1 2>/dev/null |
-    awk '$1 ~ /^[0-9]+$/ && NF >= 5 {printf "%.2f\n", $4 * 1048576 / 1000000}'
+  local m; m=$(ib_write_bw -R -d rxe0 --source_ip $A0 -s $(bytes $BS) -n $N -t $WINDOW -p 18515 "$@" $A1 2>/dev/null | mib_to_mbs)
   wait $s
+  echo "${m:-FAIL} $(per_gib $t0 $(busy))"
+}
+pp_mbs() { # peerpipe's rdma_bw, same size, count and depth -> "MB/s cpu_s_per_gib"
+  [ -x "$RDMA_BW" ] || { echo "FAIL 0"; return; }
+  local t0; t0=$(busy)
+  $RDMA_BW bw --bind $A1 -p 18516 >/tmp/rdma_bw.srv 2>&1 & local s=$!
+  for _ in $(seq 100); do grep -q waiting /tmp/rdma_bw.srv && break; sleep 0.1; done
+  local m; m=$($RDMA_BW bw -s $(bytes $BS) -n $N -t $WINDOW --source_ip $A0 -p 18516 $A1 2>/dev/null | mib_to_mbs)
+  wait $s
+  echo "${m:-FAIL} $(per_gib $t0 $(busy))"
 }
 SECRET=/tmp/peerpipe-bench-secret; head -c 32 /dev/urandom | base64 > $SECRET
-rep_run() { # bufs copy nrep wait -> "mbs cpu copied replica1-cpu"
+rep_run() { # bufs copy nrep wait -> "mbs primary-cpu copied replica1-cpu vm-cpu-per-gib"
   local bufs=$1 copy=$2 nrep=$3 wait=$4 kids=() args=()
+  local t0; t0=$(busy)
   for i in $(seq 1 $nrep); do
     local t=$([ $i = 1 ] && echo $D2 || echo $D3)
     $BIN replica --listen $A1:$((7600+i)) --target $t --buffers $bufs --copy $copy --wait $wait --iodepth $WINDOW --bs $BS --allow-primary $A0 --secret-file $SECRET 2>/tmp/replicator-replica$i.err & kids+=($!)
     args+=(--replica $A1:$((7600+i)))
   done
+  for i in $(seq 1 $nrep); do
+    for _ in $(seq 200); do grep -q listening /tmp/replicator-replica$i.err && break; sleep 0.05; done
+  done
   local j; j=$($BIN replicate --source $SRC --bind $A0 "${args[@]}" --size $SIZE --bs $BS \
       --iodepth $WINDOW --buffers $bufs --copy $copy --wait $wait --output-format=json --secret-file $SECRET 2>/tmp/replicator-primary.err)
   wait "${kids[@]}"
+  local vm; vm=$(per_gib $t0 $(busy))
   field() { echo "$j" | grep -o "\"$1\":[0-9.]*" | cut -d: -f2; }
   if echo "$j" | grep -q '"success":true'; then
-    echo "$(field mb_per_s) $(field cpu_seconds) $(field payload_bytes_copied) $(grep -o 'CPU [0-9.]* s' /tmp/replicator-replica1.err | awk '{print $2}')"
+    echo "$(field mb_per_s) $(field cpu_seconds) $(field payload_bytes_copied) $(grep -o 'CPU [0-9.]* s' /tmp/replicator-replica1.err | awk '{print $2}') $vm"
   else
     echo FAIL
     sed 's/^/    primary: /' /tmp/replicator-primary.err >&2
   fi
 }
-# Interleaved: each run measures the bound components and then every case once, so slow
-# phases of the host hit all cases alike and each case can be compared run by run.
+serial() { awk -v r=$1 -v n=$2 -v w=$3 -v k=$4 'BEGIN{ if (r>0 && n>0 && w>0) printf "%.2f", 1/(1/r + k/n + k/w) }'; }
+minb() { awk -v r=$1 -v n=$2 -v w=$3 -v k=$4 'BEGIN{ m=r; if (n/k<m) m=n/k; if (w<m) m=w; printf "%.2f", m }'; }
+ratio() { awk -v a=$1 -v b=$2 'BEGIN{ if (b>0) printf "%.2f", a/b }'; }
+max2() { printf '%s\n' "$@" | grep -v FAIL | sort -g | tail -1; }
+
 P2P=$([ -e /dev/p2pmem0 ] && case "$MODES" in *p2p*) echo 1;; esac)
-R=(); W=(); I=(); IP=()
-declare -A M C RC X XB
+R=(); W=(); IB=(); PP=(); NET=(); IP=(); CR=(); CW=(); CN=(); CIP=()
+declare -A M C RC X XS XM VC XC
 CASES=()
 for nrep in $REPLICAS; do for m in $MODES; do for wait in $WAITS; do CASES+=("$nrep:$m:$wait"); done; done; done
 for i in $(seq 1 $RUNS); do
-  # p2p modes are judged against the network bound with perftest's buffers in p2pmem too
-  # (under emulation rxe's CPU copies out of the CMB BAR are MMIO accesses, far slower than DRAM)
-  r_i=$(fio_mbs read $SRC); i_i=$(ib_mbs); w_i=$(fio_mbs write $D2)
-  R+=($r_i); I+=($i_i); W+=($w_i)
-  [ -n "$P2P" ] && { ip_i=$(ib_mbs --mmap=/dev/p2pmem0); IP+=($ip_i); }
+  set -- $(fio_mbs read $SRC); r_i=$1; R+=($1); CR+=($2)
+  set -- $(ib_mbs); ib_i=$1; ib_c=$2; IB+=($1)
+  set -- $(pp_mbs); pp_i=$1; pp_c=$2; PP+=($1)
+  # the network stage is the better of the two tools; its CPU is that tool's
+  if [ "$ib_i" != FAIL ] && { [ "$pp_i" = FAIL ] || awk -v a=$ib_i -v b=$pp_i 'BEGIN{exit !(a>=b)}'; }; then
+    n_i=$ib_i; cn_i=$ib_c
+  else
+    n_i=$pp_i; cn_i=$pp_c
+  fi
+  NET+=($n_i); CN+=($cn_i)
+  set -- $(fio_mbs write $D2 $FSYNC); w_i=$1; W+=($1); CW+=($2)
+  [ -n "$P2P" ] && { set -- $(ib_mbs --mmap=/dev/p2pmem0); ip_i=$1; IP+=($1); CIP+=($2); }
   for c in "${CASES[@]}"; do
     nrep=${c%%:*}; rest=${c#*:}; wait=${rest##*:}; m=${rest%:*}; bufs=${m%:*}; copy=${m#*:}
     set -- $(rep_run $bufs $copy $nrep $wait)
     if [ "$1" = FAIL ]; then M[$c]+="FAIL "; continue; fi
     M[$c]+="$1 "; X[$c]=$3
-    C[$c]+="$(awk -v c=$2 -v s=$(bytes $SIZE) 'BEGIN{printf "%.2f", c / (s/1073741824)}') "
-    RC[$c]+="$(awk -v c=${4:-0} -v s=$(bytes $SIZE) 'BEGIN{printf "%.2f", c / (s/1073741824)}') "
-    # this run's bound: every replica's copy crosses the same rxe0 -> rxe1 path here, so N
-    # replicas share its bandwidth: the network part is ib_write_bw / N
-    nb=$i_i; [ "$bufs" = p2p ] && [ -n "$P2P" ] && nb=$ip_i
-    b=$(printf '%s\n' $r_i $(awk -v x=$nb -v n=$nrep 'BEGIN{printf "%.2f", x/n}') $w_i | sort -g | head -1)
-    XB[$c]+="$(awk -v a=$1 -v b=$b 'BEGIN{ if (b>0) printf "%.2f", a/b }') "
+    C[$c]+="$(awk -v c=$2 -v g=$GIB 'BEGIN{printf "%.2f", c / g}') "
+    RC[$c]+="$(awk -v c=${4:-0} -v g=$GIB 'BEGIN{printf "%.2f", c / g}') "
+    VC[$c]+="$5 "
+    nb=$n_i; ncpu=$cn_i
+    [ "$bufs" = p2p ] && [ -n "$P2P" ] && { nb=$ip_i; ncpu=${CIP[-1]}; }
+    XS[$c]+="$(ratio $1 $(serial $r_i $nb $w_i $nrep)) "
+    XM[$c]+="$(ratio $1 $(minb $r_i $nb $w_i $nrep)) "
+    XC[$c]+="$(ratio $5 $(awk -v r=${CR[-1]} -v n=$ncpu -v w=${CW[-1]} -v k=$nrep 'BEGIN{print r + k*(n+w)}')) "
   done
 done
-r=$(echo ${R[*]} | median); ib=$(echo ${I[*]} | median); w=$(echo ${W[*]} | median)
-bound=$(printf '%s\n' $r $ib $w | sort -g | head -1)
-if [ -n "$P2P" ]; then
-  ibp=$(echo ${IP[*]} | median); pbound=$(printf '%s\n' $r $ibp $w | sort -g | head -1)
-fi
-echo "size $SIZE, block $BS, depth/window $WINDOW, runs $RUNS (interleaved: bound, then every case, per run); MB/s = 10^6 bytes/s everywhere (perftest's MiB/s converted)"
-echo "| bound component | MB/s (10^6 B/s, median) | runs (MB/s) |"
-echo "|---|---|---|"
-echo "| fio read source (io_uring, O_DIRECT) | $r | ${R[*]} |"
-echo "| ib_write_bw -R rxe0->rxe1 | $ib | ${I[*]} |"
-echo "| fio write target (+end fsync) | $w | ${W[*]} |"
-echo "| **bottleneck bound** (MB/s) | $bound | |"
-if [ -n "$P2P" ]; then
-  echo "| ib_write_bw -R, both buffers mmap'ed from /dev/p2pmem0 | $ibp | ${IP[*]} |"
-  echo "| **bottleneck bound, p2p buffers** (MB/s; x bound of p2p modes) | $pbound | |"
-fi
+r=$(echo ${R[*]} | median); net=$(echo ${NET[*]} | median); w=$(echo ${W[*]} | median)
+echo "size $SIZE, block $BS, depth/window $WINDOW, runs $RUNS (interleaved: stages, then every case, per run), TCG ${PEERPIPE_VM_TCG:-single}; target write cache: $WCACHE; MB/s = 10^6 bytes/s everywhere (MiB/s converted)"
 echo
-echo "x bound: median over runs of (MB/s / that run's min(fio read, ib_write_bw / replicas, fio write)), all in MB/s (10^6 B/s), with the p2p ib_write_bw for p2p modes"
+echo "| stage alone | MB/s (10^6 B/s, median) | runs (MB/s) | VM CPU s/GiB (runs) |"
+echo "|---|---|---|---|"
+echo "| R_read: fio read source (io_uring, O_DIRECT) | $r | ${R[*]} | ${CR[*]} |"
+echo "| perftest ib_write_bw -R rxe0->rxe1 | $(echo ${IB[*]} | median) | ${IB[*]} | |"
+echo "| peerpipe rdma_bw bw rxe0->rxe1 | $(echo ${PP[*]} | median) | ${PP[*]} | |"
+echo "| R_net: the better of the two, per run | $net | ${NET[*]} | ${CN[*]} |"
+echo "| R_write: fio write target ($([ -n "$FSYNC" ] && echo "$FSYNC, " )+end fsync) | $w | ${W[*]} | ${CW[*]} |"
+if [ -n "$P2P" ]; then
+  echo "| R_net p2p: ib_write_bw -R, both buffers in /dev/p2pmem0 | $(echo ${IP[*]} | median) | ${IP[*]} | ${CIP[*]} |"
+fi
+for k in $REPLICAS; do
+  echo "| **serial bound**, $k replica(s) (MB/s) | $(serial $r $net $w $k) | | |"
+  echo "| **min bound**, $k replica(s) (MB/s) | $(minb $r $net $w $k) | | |"
+done
 echo
-echo "| mode | wait | replicas | MB/s (10^6 B/s, median) | x bound | CPU s/GiB (primary) | CPU s/GiB (replica 1) | payload bytes copied | runs (MB/s) | runs (x bound) | runs (primary CPU s/GiB) |"
-echo "|---|---|---|---|---|---|---|---|---|---|---|"
+echo "x serial / x min: median over runs of MB/s / that run's bound (p2p modes: with R_net p2p). VM CPU: whole-VM busy s per GiB replicated; x stages: over R_read's + N x (R_net's + R_write's)"
+echo
+echo "| mode | wait | replicas | MB/s (10^6 B/s, median) | x serial bound | x min bound | VM CPU s/GiB | x stages CPU | CPU s/GiB primary | CPU s/GiB replica 1 | payload bytes copied | runs (MB/s) | runs (x serial) | runs (x stages CPU) |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 for c in "${CASES[@]}"; do
   nrep=${c%%:*}; rest=${c#*:}; wait=${rest##*:}; m=${rest%:*}; bufs=${m%:*}; copy=${m#*:}
-  mm=$(echo ${M[$c]} | tr ' ' '\n' | grep -v FAIL | median); cc=$(echo ${C[$c]:-} | median)
-  rc=$(echo ${RC[$c]:-} | median); xb=$(echo ${XB[$c]:-} | median)
-  echo "| $bufs, copy $copy | $wait | $nrep | $mm | $xb | $cc | $rc | ${X[$c]:-} | ${M[$c]} | ${XB[$c]:-} | ${C[$c]:-} |"
+  echo "| $bufs, copy $copy | $wait | $nrep | $(echo ${M[$c]} | median) | $(echo ${XS[$c]:-} | median) | $(echo ${XM[$c]:-} | median) | $(echo ${VC[$c]:-} | median) | $(echo ${XC[$c]:-} | median) | $(echo ${C[$c]:-} | median) | $(echo ${RC[$c]:-} | median) | ${X[$c]:-} | ${M[$c]} | ${XS[$c]:-} | ${XC[$c]:-} |"
 done
 # Zero-copy against bounce, run by run (same buffers, replicas and wait mode).
 for c in "${CASES[@]}"; do
