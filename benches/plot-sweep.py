@@ -3,8 +3,10 @@
 
 usage: plot-sweep.py SWEEP.md OUT.svg
 
-One line per (mode, wait, replicas) series, plus the measured bottleneck bounds per block
-size (host buffers, and p2p buffers when measured) as dashed lines. Plain SVG, no dependencies.
+One line per (mode, wait, replicas) series, plus the measured bounds per block size as dashed
+lines: the serial bound 1/(1/R_read + 1/R_net + 1/R_write) (single-threaded TCG) and the min
+bound min(R_read, R_net, R_write) (overlapping stages), for host buffers and, when measured,
+p2p buffers, 1 replica. Plain SVG, no dependencies.
 """
 import math
 import re
@@ -12,7 +14,13 @@ import sys
 
 
 def parse(text):
-    series, bound, pbound, bs = {}, {}, {}, None
+    series, bounds, bs = {}, {}, None
+    names = {
+        "**serial bound**": "serial bound 1/(1/R_read+1/R_net+1/R_write)",
+        "**min bound**": "min bound min(R_read, R_net, R_write)",
+        "**serial bound, p2p buffers**": "serial bound, p2p buffers",
+        "**min bound, p2p buffers**": "min bound, p2p buffers",
+    }
     for line in text.splitlines():
         m = re.match(r"size \S+, block (\S+),", line)
         if m:
@@ -21,10 +29,9 @@ def parse(text):
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if bs is None or len(cells) < 2:
             continue
-        if cells[0] == "**bottleneck bound**":
-            bound[bs] = float(cells[1])
-        elif cells[0].startswith("**bottleneck bound, p2p buffers**"):
-            pbound[bs] = float(cells[1])
+        head, _, which = cells[0].partition(", 1 replica")
+        if which and head in names:
+            bounds.setdefault(names[head], {})[bs] = float(cells[1])
         elif len(cells) >= 4 and cells[0].startswith(("host,", "p2p,")) and cells[3] not in ("", "FAIL"):
             try:
                 v = float(cells[3])
@@ -32,7 +39,7 @@ def parse(text):
                 continue
             key = f"{cells[0]} ({cells[1]} wait, {cells[2]} replica{'s' if cells[2] != '1' else ''})"
             series.setdefault(key, {})[bs] = v
-    return series, bound, pbound
+    return series, bounds
 
 
 def size_bytes(s):
@@ -40,11 +47,11 @@ def size_bytes(s):
     return int(s[:-1]) * units[s[-1]] if s[-1] in units else int(s)
 
 
-def svg(series, bound, pbound):
-    blocks = sorted({b for s in series.values() for b in s} | set(bound), key=size_bytes)
+def svg(series, bounds):
+    blocks = sorted({b for s in list(series.values()) + list(bounds.values()) for b in s}, key=size_bytes)
     if not blocks:
         sys.exit("no data rows found")
-    ymax = max([v for s in series.values() for v in s.values()] + list(bound.values()) + list(pbound.values()))
+    ymax = max(v for s in list(series.values()) + list(bounds.values()) for v in s.values())
     ymax = math.ceil(ymax * 1.15) or 1
     W, H, L, R, T, B = 760, 440, 70, 260, 40, 60
     pw, ph = W - L - R, H - T - B
@@ -62,15 +69,11 @@ def svg(series, bound, pbound):
     out.append(f'<text x="{L + pw / 2}" y="{H - 15}" text-anchor="middle">block size</text>')
     out.append(f'<text x="18" y="{T + ph / 2}" transform="rotate(-90 18 {T + ph / 2})" text-anchor="middle">MB/s</text>')
     colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
-    rows = list(series.items())
-    if bound:
-        rows.append(("bottleneck bound (min of fio read, ib_write_bw -R, fio write)", bound))
-    if pbound:
-        rows.append(("bottleneck bound, p2p buffers (ib_write_bw -R --mmap=/dev/p2pmem0)", pbound))
+    rows = list(series.items()) + list(bounds.items())
     for i, (name, pts) in enumerate(rows):
-        is_bound = name.startswith("bottleneck")
+        is_bound = name in bounds
         color = ("#999" if "p2p" in name else "#444") if is_bound else colors[i % len(colors)]
-        dash = ' stroke-dasharray="6 4"' if is_bound else ""
+        dash = (' stroke-dasharray="6 4"' if name.startswith("serial") else ' stroke-dasharray="2 3"') if is_bound else ""
         ordered = [b for b in blocks if b in pts]
         path = " ".join(f"{x(b):.1f},{y(pts[b]):.1f}" for b in ordered)
         out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
@@ -92,8 +95,8 @@ def svg(series, bound, pbound):
 def main():
     if len(sys.argv) != 3:
         sys.exit(__doc__)
-    series, bound, pbound = parse(open(sys.argv[1]).read())
-    open(sys.argv[2], "w").write(svg(series, bound, pbound))
+    series, bounds = parse(open(sys.argv[1]).read())
+    open(sys.argv[2], "w").write(svg(series, bounds))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@
 # replicator once per case (interleaved, so slow phases of the host hit all alike):
 #   R_read  fio sequential read of the source (io_uring, O_DIRECT)
 #   R_net   the best RDMA WRITE stream rxe0 -> rxe1 (the larger of perftest's ib_write_bw -R and
-#           peerpipe's rdma_bw; p2p modes: ib_write_bw with both buffers in /dev/p2pmem0)
+#           peerpipe's rdma_bw; p2p modes: the same two with both buffers in /dev/p2pmem0,
+#           --mmap on both sides)
 #   R_write fio sequential write of the target with the replicator's flush policy: when the
 #           target's write cache is volatile ("write back"), a flush every WINDOW writes
 #           (--fsync=WINDOW: the replica flushes once per batch of completed writes), + end fsync
@@ -65,12 +66,12 @@ ib_mbs() { # [extra ib_write_bw args, e.g. --mmap=/dev/p2pmem0] -> "MB/s cpu_s_p
   wait $s
   echo "${m:-FAIL} $(per_gib $t0 $(busy))"
 }
-pp_mbs() { # peerpipe's rdma_bw, same size, count and depth -> "MB/s cpu_s_per_gib"
+pp_mbs() { # [--mmap=/dev/p2pmem0] peerpipe's rdma_bw, same size, count and depth -> "MB/s cpu_s_per_gib"
   [ -x "$RDMA_BW" ] || { echo "FAIL 0"; return; }
   local t0; t0=$(busy)
-  $RDMA_BW bw --bind $A1 -p 18516 >/tmp/rdma_bw.srv 2>&1 & local s=$!
+  $RDMA_BW bw --bind $A1 -p 18516 "$@" >/tmp/rdma_bw.srv 2>&1 & local s=$!
   for _ in $(seq 100); do grep -q waiting /tmp/rdma_bw.srv && break; sleep 0.1; done
-  local m; m=$($RDMA_BW bw -s $(bytes $BS) -n $N -t $WINDOW --source_ip $A0 -p 18516 $A1 2>/dev/null | mib_to_mbs)
+  local m; m=$($RDMA_BW bw -s $(bytes $BS) -n $N -t $WINDOW --source_ip $A0 -p 18516 "$@" $A1 2>/dev/null | mib_to_mbs)
   wait $s
   echo "${m:-FAIL} $(per_gib $t0 $(busy))"
 }
@@ -104,7 +105,7 @@ ratio() { awk -v a=$1 -v b=$2 'BEGIN{ if (b>0) printf "%.2f", a/b }'; }
 max2() { printf '%s\n' "$@" | grep -v FAIL | sort -g | tail -1; }
 
 P2P=$([ -e /dev/p2pmem0 ] && case "$MODES" in *p2p*) echo 1;; esac)
-R=(); W=(); IB=(); PP=(); NET=(); IP=(); CR=(); CW=(); CN=(); CIP=()
+R=(); W=(); IB=(); PP=(); NET=(); IP=(); IPT=(); IPP=(); CR=(); CW=(); CN=(); CIP=()
 declare -A M C RC X XS XM VC XC
 CASES=()
 for nrep in $REPLICAS; do for m in $MODES; do for wait in $WAITS; do CASES+=("$nrep:$m:$wait"); done; done; done
@@ -120,7 +121,16 @@ for i in $(seq 1 $RUNS); do
   fi
   NET+=($n_i); CN+=($cn_i)
   set -- $(fio_mbs write $D2 $FSYNC); w_i=$1; W+=($1); CW+=($2)
-  [ -n "$P2P" ] && { set -- $(ib_mbs --mmap=/dev/p2pmem0); ip_i=$1; IP+=($1); CIP+=($2); }
+  if [ -n "$P2P" ]; then
+    set -- $(ib_mbs --mmap=/dev/p2pmem0); ipt=$1; ipt_c=$2; IPT+=($1)
+    set -- $(pp_mbs --mmap=/dev/p2pmem0); ipp=$1; ipp_c=$2; IPP+=($1)
+    if [ "$ipt" != FAIL ] && { [ "$ipp" = FAIL ] || awk -v a=$ipt -v b=$ipp 'BEGIN{exit !(a>=b)}'; }; then
+      ip_i=$ipt; CIP+=($ipt_c)
+    else
+      ip_i=$ipp; CIP+=($ipp_c)
+    fi
+    IP+=($ip_i)
+  fi
   for c in "${CASES[@]}"; do
     nrep=${c%%:*}; rest=${c#*:}; wait=${rest##*:}; m=${rest%:*}; bufs=${m%:*}; copy=${m#*:}
     set -- $(rep_run $bufs $copy $nrep $wait)
@@ -147,11 +157,18 @@ echo "| peerpipe rdma_bw bw rxe0->rxe1 | $(echo ${PP[*]} | median) | ${PP[*]} | 
 echo "| R_net: the better of the two, per run | $net | ${NET[*]} | ${CN[*]} |"
 echo "| R_write: fio write target ($([ -n "$FSYNC" ] && echo "$FSYNC, " )+end fsync) | $w | ${W[*]} | ${CW[*]} |"
 if [ -n "$P2P" ]; then
-  echo "| R_net p2p: ib_write_bw -R, both buffers in /dev/p2pmem0 | $(echo ${IP[*]} | median) | ${IP[*]} | ${CIP[*]} |"
+  echo "| perftest ib_write_bw -R, both buffers in /dev/p2pmem0 | $(echo ${IPT[*]} | median) | ${IPT[*]} | |"
+  echo "| peerpipe rdma_bw bw, both buffers in /dev/p2pmem0 | $(echo ${IPP[*]} | median) | ${IPP[*]} | |"
+  echo "| R_net p2p: the better of the two, per run | $(echo ${IP[*]} | median) | ${IP[*]} | ${CIP[*]} |"
 fi
 for k in $REPLICAS; do
   echo "| **serial bound**, $k replica(s) (MB/s) | $(serial $r $net $w $k) | | |"
   echo "| **min bound**, $k replica(s) (MB/s) | $(minb $r $net $w $k) | | |"
+  if [ -n "$P2P" ]; then
+    netp=$(echo ${IP[*]} | median)
+    echo "| **serial bound, p2p buffers**, $k replica(s) (MB/s) | $(serial $r $netp $w $k) | | |"
+    echo "| **min bound, p2p buffers**, $k replica(s) (MB/s) | $(minb $r $netp $w $k) | | |"
+  fi
 done
 echo
 echo "x serial / x min: median over runs of MB/s / that run's bound (p2p modes: with R_net p2p). VM CPU: whole-VM busy s per GiB replicated; x stages: over R_read's + N x (R_net's + R_write's)"

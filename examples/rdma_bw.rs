@@ -51,6 +51,8 @@ struct Opts {
     gbits: bool,
     /// The RDMA device the connection must be on (perftest `-d`).
     ib_dev: Option<String>,
+    /// The buffer is a mapping of this p2pmem char device (perftest `--mmap`).
+    mmap: Option<std::path::PathBuf>,
 }
 
 /// perftest's `-a` sizes: 2 B to 8 MiB.
@@ -108,6 +110,10 @@ struct Cli {
     /// by address, so this checks it)
     #[arg(short = 'd', long = "ib-dev", value_name = "DEVICE")]
     ib_dev: Option<String>,
+    /// This side's buffer is a mapping of FILE instead of host memory (perftest --mmap): a
+    /// p2pmem char device (/dev/p2pmemN) of a provider found in sysfs
+    #[arg(long = "mmap", value_name = "FILE")]
+    mmap: Option<std::path::PathBuf>,
 }
 
 fn parse() -> Opts {
@@ -149,6 +155,7 @@ fn parse() -> Opts {
         all_sizes: c.all,
         gbits: c.report_gbits,
         ib_dev: c.ib_dev,
+        mmap: c.mmap,
     };
     if o.mode == Mode::Lat && (o.duration.is_some() || o.all_sizes || o.gbits) {
         fail("-D, -a and --report_gbits apply to bw only".into());
@@ -207,6 +214,52 @@ fn caps(depth: u32) -> QpCaps {
     }
 }
 
+/// The test buffer: host memory, or with `--mmap` a fresh mapping of that p2pmem char device.
+fn buffer(
+    pd: &ProtectionDomain,
+    size: usize,
+    access: Access,
+    mmap: Option<&std::path::Path>,
+) -> Result<MemoryRegion> {
+    use peerpipe_p2p_alloc::{discover, Interface, Mapping, SysRoot};
+    let Some(path) = mmap else {
+        return MemoryRegion::alloc(pd, size, access);
+    };
+    let bad = |reason: String| Error::InvalidArgument {
+        op: "rdma_bw --mmap",
+        reason,
+    };
+    let provider = discover(&SysRoot::live())
+        .map_err(|e| bad(format!("looking for p2pmem providers: {e}")))?
+        .into_iter()
+        .find(|p| p.chardev.as_deref() == Some(path))
+        .ok_or_else(|| bad(format!("{} is no p2pmem char device", path.display())))?;
+    let map = Mapping::p2p(
+        &provider,
+        Interface::CharDev,
+        size.next_multiple_of(4096),
+        4096,
+    )
+    .map_err(|e| bad(format!("mapping {}: {e}", path.display())))?;
+    let ptr = map.addr();
+    eprintln!(
+        "rdma_bw: buffer of {size} bytes in p2pmem ({})",
+        path.display()
+    );
+    // SAFETY: `map` is a live mapping of at least `size` bytes; the region keeps it (as its
+    // owner) until after deregistration, and this program makes no Rust references into it.
+    unsafe {
+        MemoryRegion::register_with_owner(
+            pd,
+            ptr,
+            size,
+            access,
+            MemoryKind::Peer,
+            Some(Box::new(map)),
+        )
+    }
+}
+
 fn run_server(o: &Opts) -> Result<()> {
     let addr = o.bind.unwrap_or(IpAddr::from([0u8, 0, 0, 0]));
     let listener = Listener::bind(SocketAddr::new(addr, o.port), 4)?;
@@ -237,7 +290,12 @@ fn run_server(o: &Opts) -> Result<()> {
     let ctx = req.context().clone();
     let pd = ProtectionDomain::new(&ctx)?;
     let cq = make_cq(&ctx)?;
-    let buf = MemoryRegion::alloc(&pd, size, Access::default().remote_write())?;
+    let buf = buffer(
+        &pd,
+        size,
+        Access::default().remote_write(),
+        o.mmap.as_deref(),
+    )?;
     let reply = encode_req(mode, size as u32, iters, depth, buf.remote());
     let init = QpInit::new(&pd, &cq).caps(caps(depth));
     let conn = req.accept(
@@ -419,7 +477,7 @@ fn connect(
     } else {
         Access::default()
     };
-    let buf = MemoryRegion::alloc(&pd, o.size, access)?;
+    let buf = buffer(&pd, o.size, access, o.mmap.as_deref())?;
     let pdata = encode_req(o.mode, o.size as u32, o.iters, o.tx_depth, buf.remote());
     let init = QpInit::new(&pd, &cq).caps(caps(o.tx_depth));
     let conn = c.connect(

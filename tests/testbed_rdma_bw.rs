@@ -21,10 +21,17 @@ fn bin() -> PathBuf {
 
 /// A server on rxe1's address on `port`, then the client with `args`; the client's output.
 fn client(port: u16, args: &[&str]) -> std::process::Output {
+    client_and_server(port, args, &[])
+}
+
+/// As [`client`], the server started with `server_args` too.
+fn client_and_server(port: u16, args: &[&str], server_args: &[&str]) -> std::process::Output {
     let (a0, a1) = tb::addrs();
     let port = port.to_string();
     let mut server = tb::spawn_watched(
-        Command::new(bin()).args(["--bind", &a1, "-p", &port]),
+        Command::new(bin())
+            .args(["--bind", &a1, "-p", &port])
+            .args(server_args),
         "rdma_bw server",
     );
     server.wait_line("waiting for a client", Duration::from_secs(60));
@@ -90,6 +97,48 @@ fn testbed_rdma_bw_all_sizes_duration_gbits_and_device_check() {
     assert!(!o.status.success(), "{}", tb::text(&o));
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("not mlx5_0"),
+        "{}",
+        tb::text(&o)
+    );
+}
+
+/// `--mmap /dev/p2pmemN` (perftest's flag) puts both sides' buffers in p2pmem, as the
+/// replicator bench needs for its p2p network bound; a file that is no p2pmem char device is
+/// refused with the reason.
+#[test]
+#[ignore = "skipped: no device (testbed test; run: cargo xtask test)"]
+fn testbed_rdma_bw_mmap_puts_the_buffers_in_p2pmem() {
+    use peerpipe::p2p_alloc::{discover, SysRoot};
+    tb::require_testbed();
+    let dev = discover(&SysRoot::live()).expect("discover").remove(0);
+    let chardev = dev.chardev.clone().expect("/dev/p2pmemN");
+    let before = dev.available().expect("available");
+    let mmap = format!("--mmap={}", chardev.display());
+    let o = client_and_server(18605, &["-s", "65536", "-n", "50", &mmap], &[&mmap]);
+    assert!(o.status.success(), "{}", tb::text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("in p2pmem"), "{err}");
+    let r = rows(&String::from_utf8_lossy(&o.stdout));
+    assert_eq!(r.len(), 1, "{}", tb::text(&o));
+    assert_eq!((r[0].0, r[0].1), (65536, 50), "{}", tb::text(&o));
+    // Both mappings went back to the provider when the two ended.
+    let back = || {
+        discover(&SysRoot::live())
+            .expect("discover")
+            .remove(0)
+            .available()
+            .unwrap()
+    };
+    let t = std::time::Instant::now();
+    while back() != before && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(back(), before, "p2pmem not given back");
+
+    let o = client(18606, &["-n", "5", "--mmap=/dev/null"]);
+    assert!(!o.status.success(), "{}", tb::text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("is no p2pmem char device"),
         "{}",
         tb::text(&o)
     );

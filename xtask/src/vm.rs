@@ -103,6 +103,15 @@ fn tcg_threading() -> &'static str {
     }
 }
 
+/// `PEERPIPE_VM_QEMU_OPTS`: more QEMU options, appended as they are (e.g. `-perfmap`, for
+/// a host-side `perf` profile of the vCPU thread with guest code addresses; see
+/// benches/README.md).
+fn extra_qemu_opts() -> String {
+    std::env::var("PEERPIPE_VM_QEMU_OPTS")
+        .map(|o| format!(" {o}"))
+        .unwrap_or_default()
+}
+
 fn shell_quote(s: &str) -> String {
     if !s.is_empty()
         && s.bytes()
@@ -156,7 +165,7 @@ pub fn run_in_vm(kernel: &Path, opts: &VmOptions) -> Result<VmRun> {
         r#"#!/bin/bash
 echo started > {out}/started
 cd {repo}
-export PEERPIPE_TESTBED=1 PEERPIPE_OUT={out} PEERPIPE_DRIVES={drives}
+export PEERPIPE_TESTBED=1 PEERPIPE_OUT={out} PEERPIPE_DRIVES={drives} PEERPIPE_VM_TCG={tcg}
 export PEERPIPE_ADDR0=10.77.0.1 PEERPIPE_ADDR1=10.77.0.2
 export PATH={venv}:$PATH
 if ! bash {repo}/testbed/guest/setup.sh > {out}/setup.log 2>&1; then
@@ -171,6 +180,7 @@ exit $rc
         repo = shell_quote(&repo.display().to_string()),
         out = shell_quote(&out_dir.display().to_string()),
         drives = opts.data_drives + 1,
+        tcg = tcg_threading(),
         venv = shell_quote(&venv_bin().display().to_string()),
         setup_failed = SETUP_FAILED,
         status = shell_quote(&status_file.display().to_string()),
@@ -198,9 +208,10 @@ exit $rc
     .args(["--append", "nvme.use_cmb_sqes=0 nvme.poll_queues=1"])
     .arg(format!("--rwdir={}", out_dir.display()))
     .arg(format!(
-        "--qemu-opts={} -accel tcg,thread={}",
+        "--qemu-opts={} -accel tcg,thread={}{}",
         qemu_devices(&images),
-        tcg_threading()
+        tcg_threading(),
+        extra_qemu_opts()
     ))
     .args(["--exec", &format!("bash {}", script_path.display())]);
     if std::env::var_os("PEERPIPE_VM_VERBOSE").is_some() {
