@@ -431,16 +431,16 @@ fn testbed_replicator_stalled_replica_is_failed_alone() {
     assert_eq!(r1o.status.code(), Some(3), "{}", tb::text(&r1o));
 }
 
-#[test]
-#[ignore = "skipped: no device (testbed test; run: cargo xtask test)"]
-fn testbed_replicator_rejects_malformed_message_from_crafted_peer() {
+/// A crafted primary connects to a fresh replica on `port` and sends `payload` as one inline
+/// SEND: the replica must end with a protocol error (exit 2) whose text holds every `want`,
+/// never a panic.
+fn crafted_send_is_refused(port: u16, payload: &[u8], want: &[&str]) {
     use peerpipe::rdma::{
-        CompletionQueue, ConnParams, Connector, ProtectionDomain, QpInit, SendRequest,
+        CompletionQueue, ConnParams, Connector, ProtectionDomain, QpCaps, QpInit, SendRequest,
     };
-    tb::require_testbed();
     let (a0, a1) = tb::addrs();
     let dev = tb::drive("data2").block;
-    let addr = format!("{a1}:7495");
+    let addr = format!("{a1}:{port}");
     let kid = open_replica(&addr, &dev);
     // The replica printed that it listens: one connect attempt is enough.
     let c = Connector::resolve(
@@ -451,9 +451,29 @@ fn testbed_replicator_rejects_malformed_message_from_crafted_peer() {
     .expect("resolve");
     let pd = ProtectionDomain::new(c.context()).unwrap();
     let cq = CompletionQueue::new(c.context(), 16).unwrap();
+    let caps = QpCaps {
+        max_inline_data: 512,
+        ..QpCaps::default()
+    };
     let conn = c
-        .connect(&QpInit::new(&pd, &cq), &ConnParams::default())
+        .connect(&QpInit::new(&pd, &cq).caps(caps), &ConnParams::default())
         .unwrap_or_else(|e| panic!("connect to the replica: {e}\n{}", kid.so_far()));
+    conn.post_send(&[SendRequest::send_inline(1, payload)])
+        .unwrap();
+    let o = kid.finish(Duration::from_secs(60));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{}", tb::text(&o));
+    assert!(err.contains("protocol error"), "{err}");
+    for w in want {
+        assert!(err.contains(w), "no {w:?} in: {err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+#[ignore = "skipped: no device (testbed test; run: cargo xtask test)"]
+fn testbed_replicator_rejects_malformed_message_from_crafted_peer() {
+    tb::require_testbed();
     // A hello with an unknown message type byte.
     let mut msg = peerpipe::protocol::Message::Fin {
         blocks: 0,
@@ -461,15 +481,7 @@ fn testbed_replicator_rejects_malformed_message_from_crafted_peer() {
     }
     .encode();
     msg[5] = 0x77;
-    conn.post_send(&[SendRequest::send_inline(1, &msg)])
-        .unwrap();
-    let o = kid.finish(Duration::from_secs(60));
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{}", tb::text(&o));
-    assert!(
-        err.contains("protocol error") && err.contains("unknown message type"),
-        "{err}"
-    );
+    crafted_send_is_refused(7495, &msg, &["unknown message type"]);
 }
 
 /// Protocol version 3 packs up to `MAX_PACKED` whole messages into one SEND: a crafted
@@ -480,29 +492,7 @@ fn testbed_replicator_rejects_malformed_message_from_crafted_peer() {
 #[ignore = "skipped: no device (testbed test; run: cargo xtask test)"]
 fn testbed_replicator_rejects_a_send_that_is_not_whole_messages() {
     use peerpipe::protocol::{Config, Message};
-    use peerpipe::rdma::{
-        CompletionQueue, ConnParams, Connector, ProtectionDomain, QpCaps, QpInit, SendRequest,
-    };
     tb::require_testbed();
-    let (a0, a1) = tb::addrs();
-    let dev = tb::drive("data2").block;
-    let addr = format!("{a1}:7508");
-    let kid = open_replica(&addr, &dev);
-    let c = Connector::resolve(
-        Some(a0.parse().unwrap()),
-        addr.parse().unwrap(),
-        Duration::from_secs(5),
-    )
-    .expect("resolve");
-    let pd = ProtectionDomain::new(c.context()).unwrap();
-    let cq = CompletionQueue::new(c.context(), 16).unwrap();
-    let caps = QpCaps {
-        max_inline_data: 128,
-        ..QpCaps::default()
-    };
-    let conn = c
-        .connect(&QpInit::new(&pd, &cq).caps(caps), &ConnParams::default())
-        .unwrap_or_else(|e| panic!("connect to the replica: {e}\n{}", kid.so_far()));
     let hello = Message::Hello(Config {
         replica_id: 0,
         block_size: 65536,
@@ -514,16 +504,7 @@ fn testbed_replicator_rejects_a_send_that_is_not_whole_messages() {
     });
     let mut payload = hello.encode().to_vec();
     payload.extend_from_slice(&[0xa5; 10]);
-    conn.post_send(&[SendRequest::send_inline(1, &payload)])
-        .unwrap();
-    let o = kid.finish(Duration::from_secs(60));
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{}", tb::text(&o));
-    assert!(
-        err.contains("protocol error") && err.contains("10 bytes"),
-        "{err}"
-    );
-    assert!(!err.contains("panicked"), "{err}");
+    crafted_send_is_refused(7508, &payload, &["10 bytes"]);
 }
 
 #[test]
