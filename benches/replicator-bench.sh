@@ -102,7 +102,13 @@ rep_run() { # bufs copy nrep wait -> "mbs primary-cpu copied replica1-cpu vm-cpu
 serial() { awk -v r=$1 -v n=$2 -v w=$3 -v k=$4 'BEGIN{ if (r>0 && n>0 && w>0) printf "%.2f", 1/(1/r + k/n + k/w) }'; }
 minb() { awk -v r=$1 -v n=$2 -v w=$3 -v k=$4 'BEGIN{ m=r; if (n/k<m) m=n/k; if (w<m) m=w; printf "%.2f", m }'; }
 ratio() { awk -v a=$1 -v b=$2 'BEGIN{ if (b>0) printf "%.2f", a/b }'; }
-max2() { printf '%s\n' "$@" | grep -v FAIL | sort -g | tail -1; }
+better() { # RATE1 CPU1 RATE2 CPU2 -> "rate cpu" of the faster tool (a FAIL never wins)
+  if [ "$1" != FAIL ] && { [ "$3" = FAIL ] || awk -v a=$1 -v b=$3 'BEGIN{exit !(a>=b)}'; }; then
+    echo "$1 $2"
+  else
+    echo "$3 $4"
+  fi
+}
 
 P2P=$([ -e /dev/p2pmem0 ] && case "$MODES" in *p2p*) echo 1;; esac)
 R=(); W=(); IB=(); PP=(); NET=(); IP=(); IPT=(); IPP=(); CR=(); CW=(); CN=(); CIP=()
@@ -114,22 +120,13 @@ for i in $(seq 1 $RUNS); do
   set -- $(ib_mbs); ib_i=$1; ib_c=$2; IB+=($1)
   set -- $(pp_mbs); pp_i=$1; pp_c=$2; PP+=($1)
   # the network stage is the better of the two tools; its CPU is that tool's
-  if [ "$ib_i" != FAIL ] && { [ "$pp_i" = FAIL ] || awk -v a=$ib_i -v b=$pp_i 'BEGIN{exit !(a>=b)}'; }; then
-    n_i=$ib_i; cn_i=$ib_c
-  else
-    n_i=$pp_i; cn_i=$pp_c
-  fi
+  set -- $(better $ib_i $ib_c $pp_i $pp_c); n_i=$1; cn_i=$2
   NET+=($n_i); CN+=($cn_i)
   set -- $(fio_mbs write $D2 $FSYNC); w_i=$1; W+=($1); CW+=($2)
   if [ -n "$P2P" ]; then
     set -- $(ib_mbs --mmap=/dev/p2pmem0); ipt=$1; ipt_c=$2; IPT+=($1)
     set -- $(pp_mbs --mmap=/dev/p2pmem0); ipp=$1; ipp_c=$2; IPP+=($1)
-    if [ "$ipt" != FAIL ] && { [ "$ipp" = FAIL ] || awk -v a=$ipt -v b=$ipp 'BEGIN{exit !(a>=b)}'; }; then
-      ip_i=$ipt; CIP+=($ipt_c)
-    else
-      ip_i=$ipp; CIP+=($ipp_c)
-    fi
-    IP+=($ip_i)
+    set -- $(better $ipt $ipt_c $ipp $ipp_c); ip_i=$1; IP+=($1); CIP+=($2)
   fi
   for c in "${CASES[@]}"; do
     nrep=${c%%:*}; rest=${c#*:}; wait=${rest##*:}; m=${rest%:*}; bufs=${m%:*}; copy=${m#*:}

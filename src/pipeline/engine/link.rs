@@ -16,7 +16,7 @@ use crate::rdma::{
 
 use super::auth::{self, AuthError, Secret};
 use super::slots::Slots;
-use super::{EngineError, WaitMode};
+use super::{EngineError, MessageCounts, WaitMode};
 
 /// Receives kept posted per connection.
 pub(crate) const RECV_DEPTH: usize = 256;
@@ -89,7 +89,7 @@ pub(crate) struct Link {
     /// Messages per SEND (see [`pack_for`]).
     pack: usize,
     /// Control messages queued and SENDs that carried them, since the link was made.
-    counts: Cell<(u64, u64)>,
+    counts: Cell<MessageCounts>,
 }
 
 /// At most this many unsignalled WRs in a row: their send-queue slots are freed only by a
@@ -254,7 +254,7 @@ impl Link {
             unsignalled: Cell::new(0),
             msgs: RefCell::new(Vec::new()),
             pack,
-            counts: Cell::new((0, 0)),
+            counts: Cell::new(MessageCounts::default()),
         }
     }
 
@@ -279,8 +279,15 @@ impl Link {
     /// and still does).
     pub(crate) fn queue_msg(&self, m: &Message) {
         self.msgs.borrow_mut().extend_from_slice(&m.encode());
-        let (msgs, sends) = self.counts.get();
-        self.counts.set((msgs + 1, sends));
+        self.count(1, 0);
+    }
+
+    fn count(&self, messages: u64, sends: u64) {
+        let c = self.counts.get();
+        self.counts.set(MessageCounts {
+            messages: c.messages + messages,
+            sends: c.sends + sends,
+        });
     }
 
     /// Queues the messages waiting to be packed, as SENDs, behind the WRs queued so far.
@@ -288,8 +295,7 @@ impl Link {
         let msgs = std::mem::take(&mut *self.msgs.borrow_mut());
         for chunk in msgs.chunks(self.pack * MSG_LEN) {
             self.queue(SendRequest::send_inline(WR_SEND, chunk).unsignaled());
-            let (m, sends) = self.counts.get();
-            self.counts.set((m, sends + 1));
+            self.count(0, 1);
         }
     }
 
@@ -301,12 +307,11 @@ impl Link {
         let mut wr = SendRequest::send_inline(WR_SEND, &m.encode()).unsignaled();
         wr.op = SendOp::SendWithInv(rkey);
         self.queue(wr);
-        let (msgs, sends) = self.counts.get();
-        self.counts.set((msgs + 1, sends + 1));
+        self.count(1, 1);
     }
 
     /// Control messages queued and the SENDs that carried them, since the link was made.
-    pub(crate) fn message_counts(&self) -> (u64, u64) {
+    pub(crate) fn message_counts(&self) -> MessageCounts {
         self.counts.get()
     }
 

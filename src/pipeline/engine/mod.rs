@@ -477,10 +477,10 @@ pub struct MessageCounts {
 impl MessageCounts {
     fn of(links: &[link::Link]) -> MessageCounts {
         links.iter().fold(MessageCounts::default(), |acc, l| {
-            let (messages, sends) = l.message_counts();
+            let c = l.message_counts();
             MessageCounts {
-                messages: acc.messages + messages,
-                sends: acc.sends + sends,
+                messages: acc.messages + c.messages,
+                sends: acc.sends + c.sends,
             }
         })
     }
