@@ -657,3 +657,27 @@ fn short_write_is_a_failed_block_not_ok() {
         "an error is never ok"
     );
 }
+
+// ------------------------------------------------------------------ Window invalidation
+
+/// Protocol version 3: a replica never invalidates a window itself (a LOCAL_INV of a window
+/// the primary's SEND_WITH_INV killed too crashes soft-RoCE kernels), so a `BlockSent` that
+/// did not invalidate its window is a violation of its own, with its own abort code, and its
+/// text names the block and the rule (the engine's check is a testbed test:
+/// `testbed_replicator_refuses_a_block_sent_that_did_not_invalidate`).
+#[test]
+fn a_block_sent_that_did_not_invalidate_is_its_own_violation() {
+    let e = ProtocolError::NotInvalidating { seq: 7 };
+    assert_eq!(e.code(), 12);
+    assert_eq!(
+        ReplicaCore::abort_for(&e),
+        Message::Abort {
+            status: Status::Protocol(12),
+            seq: u64::MAX
+        }
+    );
+    let text = e.to_string();
+    for want in ["BlockSent seq 7", "SEND_WITH_INV", "rkey of the window"] {
+        assert!(text.contains(want), "no {want:?} in {text}");
+    }
+}

@@ -96,9 +96,12 @@
 //! the block's target buffer (exactly the block's length, remote write only), and advertises
 //! that window's rkey. The primary sends `BlockSent` with SEND_WITH_INVALIDATE of that rkey
 //! (protocol version 3); when the receive completion says the NIC invalidated exactly the
-//! slot's current key the replica writes at once, else (a plain SEND, another key) it posts
-//! a LOCAL_INV and writes on its completion. Either way the key dies before the drive write
-//! starts, so a late or rogue WRITE cannot change data in flight to the drive.
+//! slot's current key the replica writes at once, else (a plain SEND, another key) it refuses
+//! the block as a protocol error and ends the connection, writing nothing of it. It never
+//! posts a LOCAL_INV: on Linux 6.12 soft-RoCE a LOCAL_INV of a window a peer's SEND_WITH_INV
+//! already invalidated crashes the kernel (`rxe_invalidate_mw`), a race a crafted primary
+//! could start. So the key dies before the drive write starts, and a late or rogue WRITE
+//! cannot change data in flight to the drive.
 //! Each re-bind changes the key's low 8 bits, so old keys do not come back to life for 256
 //! binds. The primary never exposes remote access to its own memory.
 

@@ -92,6 +92,16 @@ pub enum ProtocolError {
         /// Value required.
         expected: u64,
     },
+    /// A `BlockSent` did not arrive as a SEND_WITH_INV of the key of the window its block was
+    /// written through (it came as a plain SEND, or invalidated another key), so the window is
+    /// still open to the primary. A version-3 replica never invalidates a window itself: its
+    /// LOCAL_INV of a window the peer may also invalidate crashes soft-RoCE kernels (Linux
+    /// 6.12 `rxe_invalidate_mw`), so it refuses the block instead of writing it.
+    #[error("BlockSent seq {seq} did not invalidate its window: protocol version {VERSION} requires each BlockSent to be a SEND_WITH_INV of the rkey of the window its block was written through")]
+    NotInvalidating {
+        /// Block.
+        seq: u64,
+    },
     /// The peer aborted.
     #[error("peer aborted: {status} (block {seq})")]
     PeerAborted {
@@ -117,6 +127,7 @@ impl ProtocolError {
             ProtocolError::BadSequence { .. } => 9,
             ProtocolError::Mismatch { .. } => 10,
             ProtocolError::PeerAborted { .. } => 11,
+            ProtocolError::NotInvalidating { .. } => 12,
         }
     }
 }

@@ -20,7 +20,7 @@
 //! P: RDMA WRITE block seq into (addr, rkey); then
 //! P -> R  BlockSent{seq, offset, len}        (RC ordering: the write is placed before this;
 //!                                            sent as SEND_WITH_INV of rkey)
-//! R: rkey invalidated (else LOCAL_INV), write to drive, flush if volatile cache, then
+//! R: rkey invalidated (else protocol error), write to drive, flush if volatile cache, then
 //! R -> P  BlockWritten{seq, status}          (any order, each seq exactly once)
 //! P -> R  VerifyRequest{seq}   R -> P VerifyResult{seq, len, crc}   (only with --verify)
 //! P -> R  Fin{blocks, bytes}                 R -> P Fin{blocks, bytes}
@@ -63,7 +63,9 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"PPRP");
 /// Protocol version spoken by this build (2: `BlockSent` lost its unchecked checksum; 3:
 /// `BlockSent` is a SEND_WITH_INV of the window key its block was written through, so the
 /// replica need not invalidate the window itself; a version-2 replica would invalidate it a
-/// second time, which soft-RoCE does not survive, hence the bump).
+/// second time, which soft-RoCE does not survive, hence the bump). A version-3 replica never
+/// invalidates a window itself: a `BlockSent` that did not invalidate its window's key is a
+/// [`ProtocolError::NotInvalidating`].
 pub const VERSION: u8 = 3;
 /// Most messages one SEND carries (version 3): a SEND's payload is 1 to `MAX_PACKED` whole
 /// messages, back to back, handled in order as if each had come alone. A sender packs the

@@ -38,7 +38,7 @@ pub const REPLICA_JSON: &str = "\
   {\"end\":\"fin|primary_gone\",\"primary_gone\":null|\"why\",\"blocks_written\":N,
    \"bytes_written\":N,\"failed_blocks\":N,\"payload_bytes_copied\":N,
    \"control_messages\":N,\"control_sends\":N,\"windows_invalidated_by_primary\":N,
-   \"windows_invalidated_locally\":N,\"cpu_seconds\":F}";
+   \"cpu_seconds\":F}";
 
 /// The trust model, printed by both roles' `--help`.
 pub const TRUST: &str = "\

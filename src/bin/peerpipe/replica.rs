@@ -56,10 +56,9 @@ pub struct Summary {
     pub control_messages: u64,
     /// SENDs that carried them (several messages per SEND when ready at once).
     pub control_sends: u64,
-    /// Blocks whose window the primary's SEND_WITH_INV invalidated.
+    /// Blocks whose window the primary's SEND_WITH_INV invalidated (every block received: a
+    /// replica never invalidates a window itself).
     pub windows_invalidated_by_primary: u64,
-    /// Blocks whose window this replica invalidated itself (LOCAL_INV).
-    pub windows_invalidated_locally: u64,
     /// CPU time of the engine.
     pub cpu_seconds: f64,
 }
@@ -110,7 +109,7 @@ fn run(o: &Replica) -> Result<u8, EngineError> {
         }
     };
     say(format!(
-        "replica: wrote {} blocks ({} bytes), {} failed, payload bytes copied by the CPU: {}, CPU {:.3} s, control messages {} in {} SENDs, windows invalidated by the primary {} / locally {}",
+        "replica: wrote {} blocks ({} bytes), {} failed, payload bytes copied by the CPU: {}, CPU {:.3} s, control messages {} in {} SENDs, windows invalidated by the primary {}",
         report.blocks_written,
         report.bytes_written,
         report.failed_blocks,
@@ -119,7 +118,6 @@ fn run(o: &Replica) -> Result<u8, EngineError> {
         report.messages.messages,
         report.messages.sends,
         report.windows_invalidated_by_primary,
-        report.windows_invalidated_locally,
     ));
     if o.shared.json() {
         print_json(&Summary {
@@ -132,7 +130,6 @@ fn run(o: &Replica) -> Result<u8, EngineError> {
             control_messages: report.messages.messages,
             control_sends: report.messages.sends,
             windows_invalidated_by_primary: report.windows_invalidated_by_primary,
-            windows_invalidated_locally: report.windows_invalidated_locally,
             cpu_seconds: report.cpu.as_secs_f64(),
         });
     }

@@ -22,8 +22,10 @@ pub enum ReplicaAction {
         /// Bytes granted.
         len: u32,
     },
-    /// The block is in `slot`: revoke the window, write `len` bytes at drive `offset`, flush
-    /// if the drive caches writes, then call [`ReplicaCore::on_write_done`].
+    /// The block is in `slot`: check that its window is revoked (protocol version 3: the
+    /// `BlockSent` that asked for this was a SEND_WITH_INV of its key; else the adapter ends
+    /// the connection with [`ProtocolError::NotInvalidating`]), write `len` bytes at drive
+    /// `offset`, flush if the drive caches writes, then call [`ReplicaCore::on_write_done`].
     Write {
         /// Buffer slot.
         slot: usize,

@@ -26,7 +26,6 @@ const CQ_DEPTH: u32 = 2048;
 pub(crate) const WR_RECV: u64 = 1 << 60;
 pub(crate) const WR_SEND: u64 = 2 << 60;
 pub(crate) const WR_WRITE: u64 = 3 << 60;
-pub(crate) const WR_INV: u64 = 4 << 60;
 pub(crate) const WR_BIND: u64 = 5 << 60;
 pub(crate) const WR_MASK: u64 = 0xf << 60;
 

@@ -269,8 +269,8 @@ impl PrimaryRole<'_> {
         match a {
             PrimaryAction::Send { replica, msg } => {
                 // A block's BlockSent follows its WRITE: it invalidates the window the WRITE
-                // went through (SEND_WITH_INV), so the replica need not post its own
-                // LOCAL_INV before it writes the block to its drive.
+                // went through (SEND_WITH_INV), which a replica requires before it writes the
+                // block to its drive (it never invalidates a window itself).
                 let inv = match (&msg, self.written[replica].take()) {
                     (Message::BlockSent { seq, .. }, Some((s, rkey))) if *seq == s => Some(rkey),
                     _ => None,

@@ -8,13 +8,13 @@ use std::time::{Duration, Instant};
 use crate::pipeline::{crc32c, CopyMeter, ReplicaAction, ReplicaCore};
 use crate::protocol::{Message, ProtocolError, ReplicaTarget, Status};
 use crate::rdma::{
-    self, Completion as WorkCompletion, Listener, MemoryWindow, SendOp, SendRequest, WcOpcode,
-    WcStatus, WindowAccess,
+    self, Completion as WorkCompletion, Listener, MemoryWindow, SendRequest, WcOpcode, WcStatus,
+    WindowAccess,
 };
 
 use super::auth::{AuthError, Verdict};
 use super::drive::{Backend, Drive, WriteCache};
-use super::link::{self, Link, WR_BIND, WR_INV, WR_MASK, WR_RECV};
+use super::link::{self, Link, WR_BIND, WR_MASK, WR_RECV};
 use super::slots::{BufferInfo, DriveBuf, Slots};
 use super::turn::{self, Idle, Next, Role};
 use super::wait::Waiter;
@@ -50,10 +50,9 @@ pub struct ReplicaReport {
     pub cpu: Duration,
     /// Control messages sent to the primary, and the SENDs that carried them.
     pub messages: MessageCounts,
-    /// Blocks whose window the primary's `BlockSent` invalidated (SEND_WITH_INV).
+    /// Blocks whose window the primary's `BlockSent` invalidated (SEND_WITH_INV). A replica
+    /// never invalidates a window itself: a `BlockSent` that did not is a protocol error.
     pub windows_invalidated_by_primary: u64,
-    /// Blocks whose window this replica invalidated itself (LOCAL_INV).
-    pub windows_invalidated_locally: u64,
 }
 
 /// A drive operation in flight. Its buffer is not here: the ring owns it until the completion
@@ -245,9 +244,8 @@ impl ReplicaEngine {
             core,
             out: Vec::new(),
             actions: VecDeque::new(),
-            pending_write: HashMap::new(),
             invalidated_by_peer: vec![false; mws.len()],
-            invalidations: (0, 0),
+            invalidated: 0,
             ios: HashMap::new(),
             next_tag: 1,
             unflushed: Vec::new(),
@@ -265,8 +263,7 @@ impl ReplicaEngine {
             payload_bytes_copied: role.meter.bytes(),
             cpu: cpu_time().saturating_sub(cpu0),
             messages: MessageCounts::of(&links[..]),
-            windows_invalidated_by_primary: role.invalidations.0,
-            windows_invalidated_locally: role.invalidations.1,
+            windows_invalidated_by_primary: role.invalidated,
         })
     }
 }
@@ -287,13 +284,12 @@ struct ReplicaRole<'a> {
     out: Vec<ReplicaAction>,
     /// The core's actions, carried out at the next turn.
     actions: VecDeque<ReplicaAction>,
-    /// Per slot: the block whose window is being invalidated before its drive write.
-    pending_write: HashMap<usize, (u64, u64, u32)>,
     /// Per slot: the primary's `BlockSent` came as a SEND_WITH_INV of the slot's current
-    /// window key, so the window is already dead and needs no LOCAL_INV.
+    /// window key, so the window is dead and its block may go to the drive (checked when the
+    /// core asks for the write, taken when it is carried out).
     invalidated_by_peer: Vec<bool>,
-    /// Windows invalidated by the primary, and by us.
-    invalidations: (u64, u64),
+    /// Windows the primary invalidated (all of them: a replica never invalidates one itself).
+    invalidated: u64,
     /// Drive operations in flight, by tag.
     ios: HashMap<u64, Io>,
     next_tag: u64,
@@ -387,19 +383,15 @@ impl ReplicaRole<'_> {
             } => {
                 let _block = tracing::debug_span!("block", seq).entered();
                 tracing::debug!(slot, offset, len, "write to the drive");
-                // Revoke the window before the drive reads the buffer: the primary's
-                // SEND_WITH_INV did already, or our own LOCAL_INV does now.
-                self.pending_write.insert(slot, (seq, offset, len));
-                if std::mem::take(&mut self.invalidated_by_peer[slot]) {
-                    self.invalidations.0 += 1;
-                    return self.invalidated(slot, drive);
+                // The window must be dead before the drive reads the buffer: the primary's
+                // SEND_WITH_INV killed it (checked by `check_invalidated` when the BlockSent
+                // arrived; a replica never posts a LOCAL_INV, see there).
+                if !std::mem::take(&mut self.invalidated_by_peer[slot]) {
+                    return Err(EngineError::Internal(
+                        "a drive write of a block whose window is open",
+                    ));
                 }
-                self.invalidations.1 += 1;
-                link.queue(SendRequest::new(
-                    WR_INV | slot as u64,
-                    SendOp::LocalInv(self.mws[slot].rkey()),
-                    Vec::new(),
-                ));
+                self.write(slot, seq, offset, len, drive)?;
             }
             ReplicaAction::ReadBack { seq, offset, len } => {
                 let buf = DriveBuf::host(READ_BACK, AlignedBuf::new(len as usize), len as usize);
@@ -444,26 +436,52 @@ impl ReplicaRole<'_> {
                 });
             }
         }
-        if let Err(e) = res {
-            if !matches!(e, ProtocolError::PeerAborted { .. }) {
-                let _ = link.send(&ReplicaCore::abort_for(&e));
+        match res {
+            Ok(()) => Ok(()),
+            Err(e) => Err(refuse(link, e)),
+        }
+    }
+
+    /// The drive writes the core asked for in `self.out[from..]` (answering one message of a
+    /// receive) need their windows dead: each must be the window `dead` names, the slot whose
+    /// current key the SEND_WITH_INV that brought the message invalidated (one block per
+    /// invalidation). Anything else (a plain SEND, another key, a second block) is a protocol
+    /// error: the primary is sent an abort and nothing of the block reaches the drive.
+    ///
+    /// A replica never invalidates a window itself. A LOCAL_INV of a type-2 window that the
+    /// peer's SEND_WITH_INV invalidated already crashes Linux 6.12 soft-RoCE
+    /// (`rxe_invalidate_mw` does not check the window's state and dereferences NULL), and a
+    /// crafted primary could race the two; so a `BlockSent` that left its window open is
+    /// refused rather than repaired.
+    fn check_invalidated(
+        &mut self,
+        link: &Link,
+        from: usize,
+        dead: &mut Option<usize>,
+    ) -> Result<(), EngineError> {
+        for i in from..self.out.len() {
+            if let ReplicaAction::Write { slot, seq, .. } = self.out[i] {
+                if dead.take() != Some(slot) {
+                    self.out.truncate(from);
+                    return Err(refuse(link, ProtocolError::NotInvalidating { seq }));
+                }
+                self.invalidated_by_peer[slot] = true;
+                self.invalidated += 1;
             }
-            // Let the abort leave before hanging up.
-            std::thread::sleep(Duration::from_millis(100));
-            let _ = link.conn.disconnect(Duration::from_millis(500));
-            return Err(EngineError::Protocol(e));
         }
         Ok(())
     }
 
-    /// The window over `slot` was invalidated: write its block to the drive.
-    fn invalidated(&mut self, slot: usize, drive: &mut Drive) -> Result<(), EngineError> {
-        let (seq, offset, len) = self
-            .pending_write
-            .remove(&slot)
-            .ok_or(EngineError::Internal("invalidation without a write"))?;
-        // The window over the slot was just invalidated; the slot is not re-advertised
-        // before this block is acked.
+    /// Writes block `seq` from `slot` (its window is dead) to the drive.
+    fn write(
+        &mut self,
+        slot: usize,
+        seq: u64,
+        offset: u64,
+        len: u32,
+        drive: &mut Drive,
+    ) -> Result<(), EngineError> {
+        // The slot is not re-advertised before this block is acked.
         let buf = if self.cfg.copy == CopyMode::Bounce {
             let mut h = self.bounce[slot]
                 .take()
@@ -521,7 +539,7 @@ impl Role for ReplicaRole<'_> {
         r: usize,
         wc: &WorkCompletion,
         links: &mut [Link],
-        drive: &mut Drive,
+        _drive: &mut Drive,
     ) -> Result<Next, EngineError> {
         if wc.status != WcStatus::Success {
             if !self.core.is_finished() {
@@ -535,21 +553,20 @@ impl Role for ReplicaRole<'_> {
         let link = &links[r];
         match wc.wr_id & WR_MASK {
             WR_RECV if wc.opcode == WcOpcode::Recv => {
-                if let Some(k) = wc.invalidated_rkey {
-                    // Only the key a slot's window holds now counts: the NIC invalidated
-                    // exactly that window, so its block may go to the drive at once.
-                    if let Some(s) = self.mws.iter().position(|mw| mw.rkey() == k) {
-                        self.invalidated_by_peer[s] = true;
-                    }
-                }
+                // Only the key a slot's window holds now counts: the NIC invalidated exactly
+                // that window, so the block of a BlockSent in this receive may go to the drive.
+                let mut dead = wc
+                    .invalidated_rkey
+                    .and_then(|k| self.mws.iter().position(|mw| mw.rkey() == k));
                 let b = link
                     .take_recv(wc.wr_id, wc.byte_len)
                     .map_err(|e| EngineError::rdma("receiving a message", e))?;
                 for m in link::messages(&b) {
+                    let from = self.out.len();
                     self.on_message(link, m)?;
+                    self.check_invalidated(link, from, &mut dead)?;
                 }
             }
-            WR_INV => self.invalidated((wc.wr_id & !WR_MASK) as usize, drive)?,
             _ => {}
         }
         self.take_out();
@@ -654,6 +671,18 @@ impl Role for ReplicaRole<'_> {
         };
         Ok(Idle::Wait(wait_bound(since_progress, timeout, cap)))
     }
+}
+
+/// Ends the connection for the primary's protocol violation `e`: sends it an abort (unless
+/// it aborted itself), lets that leave, hangs up.
+fn refuse(link: &Link, e: ProtocolError) -> EngineError {
+    if !matches!(e, ProtocolError::PeerAborted { .. }) {
+        let _ = link.send(&ReplicaCore::abort_for(&e));
+    }
+    // Let the abort leave before hanging up.
+    std::thread::sleep(Duration::from_millis(100));
+    let _ = link.conn.disconnect(Duration::from_millis(500));
+    EngineError::Protocol(e)
 }
 
 /// The wire status of a failed drive operation: the NVMe status, else the errno.
