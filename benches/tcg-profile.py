@@ -2,7 +2,9 @@
 """Host CPU per MB moved, by category, from a `perf report --stdio --sort sym` of the QEMU
 process recorded with -perfmap (benches/tcg-profile.sh).
 
-usage: tcg-profile.py KALLSYMS REPORT RATE_MB_PER_S SECONDS
+usage: tcg-profile.py KALLSYMS REPORT RATE_MB_PER_S SECONDS [IOPS]
+
+With IOPS, each figure is also given as host CPU us per I/O.
 
 Translated guest code appears as `guest-0x<guest address>`; kernel addresses are named from
 the guest's /proc/kallsyms. Categories: guest kernel payload work (rxe's copies and CRCs), other
@@ -22,7 +24,7 @@ TCG_PREFIXES = ("helper_lookup_tb_ptr", "qht_lookup", "tlb_", "tb_", "get_page_a
 
 
 def main():
-    if len(sys.argv) != 5:
+    if len(sys.argv) not in (5, 6):
         sys.exit(__doc__)
     ks = sorted((int(a, 16), n) for a, n in (l.split()[:2] for l in open(sys.argv[1]) if l.strip()))
     addrs = [a for a, _ in ks]
@@ -32,6 +34,11 @@ def main():
         sys.exit("no event count in the report")
     cpu_s = int(m.group(1)) / 1e9
     mb = float(sys.argv[3]) * float(sys.argv[4])
+    # us per I/O = ms per MB * MB per I/O * 1000
+    per_io = float(sys.argv[3]) / float(sys.argv[5]) * 1000 if len(sys.argv) == 6 else None
+    col = lambda v: f"{v:.2f} | {v * per_io:.1f}" if per_io else f"{v:.2f}"
+    unit = " | host CPU us per I/O" if per_io else ""
+    sep = "|---" if per_io else ""
     cats, syms = collections.Counter(), collections.Counter()
     for line in text.splitlines():
         m = re.match(r"\s*([\d.]+)%\s+\[(.)\]\s+(.*)", line)
@@ -60,16 +67,16 @@ def main():
         syms[name] += ms_per_mb
     print(f"host CPU {cpu_s:.1f} s for ~{mb:.0f} MB: {cpu_s * 1000 / mb:.1f} ms per MB (all QEMU threads)")
     print()
-    print("| category | host CPU ms per MB |")
-    print("|---|---|")
+    print(f"| category | host CPU ms per MB{unit} |")
+    print(f"|---|---{sep}|")
     for c, v in cats.most_common():
-        print(f"| {c} | {v:.2f} |")
-    print(f"| (symbols perf did not list) | {cpu_s * 1000 / mb - sum(cats.values()):.2f} |")
+        print(f"| {c} | {col(v)} |")
+    print(f"| (symbols perf did not list) | {col(cpu_s * 1000 / mb - sum(cats.values()))} |")
     print()
-    print("| top symbols | host CPU ms per MB |")
-    print("|---|---|")
-    for s, v in syms.most_common(15):
-        print(f"| {s} | {v:.2f} |")
+    print(f"| top symbols | host CPU ms per MB{unit} |")
+    print(f"|---|---{sep}|")
+    for s, v in syms.most_common(int(__import__("os").environ.get("TOP", "15"))):
+        print(f"| {s} | {col(v)} |")
 
 
 if __name__ == "__main__":

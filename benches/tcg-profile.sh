@@ -8,6 +8,8 @@
 #   cargo build --release -p peerpipe --bin peerpipe --example rdma_bw
 #   bash benches/tcg-profile.sh                        # PHASES="rep rdma_bw", SIZE=256M
 #   env PHASES="rep rdma_bw fio_read fio_write" SIZE=128M bash benches/tcg-profile.sh
+#   env PHASES="nvmf_a nvmf_c" bash benches/tcg-profile.sh   # issue 15: the NVMe-oF targets,
+#       fio 4 KiB randread QD32 from the kernel host (NVMF_RW, NVMF_BS, NVMF_QD, NVMF_ARGS)
 #
 # Needs perf on the host. SECS: seconds recorded per phase (default 8; a phase must last
 # longer: pick SIZE so that the replicator and rdma_bw take more; fio phases run SECS + 4 s). Output: per phase its rate, the QEMU threads' shares, and
@@ -16,27 +18,47 @@ set -u
 cd "$(dirname "$0")/.."
 SECS=${SECS:-8}; OUT=${OUT:-target/tcg-profile}; mkdir -p $OUT
 command -v perf >/dev/null || { echo "needs perf on the host" >&2; exit 1; }
-rm -f $OUT/vm.out
+rm -f $OUT/vm.out; touch $OUT/start.stamp
 PEERPIPE_VM_QEMU_OPTS=-perfmap cargo xtask vm -- env PHASES="${PHASES:-rep rdma_bw}" FIO_SECS=$((SECS + 4)) \
-    SIZE=${SIZE:-256M} BS=${BS:-64K} WINDOW=${WINDOW:-16} bash benches/tcg-profile-guest.sh \
+    SIZE=${SIZE:-256M} BS=${BS:-64K} WINDOW=${WINDOW:-16} NVMF_RW=${NVMF_RW:-randread} \
+    NVMF_BS=${NVMF_BS:-4k} NVMF_QD=${NVMF_QD:-32} NVMF_ARGS="${NVMF_ARGS:-}" bash benches/tcg-profile-guest.sh \
     > $OUT/vm.out 2>&1 &
 VM=$!
+# The guest's phase marks, written through the VM's shared output directory as they happen.
+MARKS=
+until [ -n "$MARKS" ]; do
+    kill -0 $VM 2>/dev/null || { echo "the VM ended before its first phase" >&2; exit 1; }
+    sleep 0.5
+    MARKS=$(find ~/.cache/peerpipe/runs -path '*/out/tcg-phases' -newer $OUT/start.stamp 2>/dev/null | head -1)
+done
 QEMU=
+# A phase may be listed more than once (A/B rounds): the k-th "PHASE-START p" line is round k.
+declare -A ROUND
+TAGS=()
 for p in ${PHASES:-rep rdma_bw}; do
-    until grep -q "PHASE-START $p" $OUT/vm.out 2>/dev/null; do
-        kill -0 $VM 2>/dev/null || { echo "the VM ended before phase $p" >&2; exit 1; }
+    k=$(( ${ROUND[$p]:-0} + 1 )); ROUND[$p]=$k; TAGS+=("$p.$k")
+    until [ "$(grep -c "^PHASE-START $p\$" $MARKS 2>/dev/null)" -ge $k ]; do
+        kill -0 $VM 2>/dev/null || { echo "the VM ended before phase $p (round $k)" >&2; exit 1; }
         sleep 0.5
     done
-    [ -n "$QEMU" ] || QEMU=$(pgrep -n -f qemu-system-x86)
-    perf record -q -p $QEMU -o $OUT/perf-$p.data -- sleep $SECS 2>/dev/null
-    until grep -q "PHASE-END $p" $OUT/vm.out; do sleep 0.5; done
+    # this VM's QEMU: the one whose drive images are in the run directory of MARKS
+    [ -n "$QEMU" ] || QEMU=$(pgrep -f "qemu-system-x86.*$(dirname "$(dirname "$MARKS")")/")
+    perf record -q -p $QEMU -o $OUT/perf-$p.$k.data -- sleep $SECS 2>/dev/null
+    until [ "$(grep -c "^PHASE-END $p\$" $MARKS 2>/dev/null)" -ge $k ]; do
+        kill -0 $VM 2>/dev/null || break
+        sleep 0.5
+    done
 done
 wait $VM
 awk '/KALLSYMS-BEGIN/ {f = 1; next} /KALLSYMS-END/ {f = 0} f' $OUT/vm.out > $OUT/kallsyms.txt
-for p in ${PHASES:-rep rdma_bw}; do
-    rate=$(awk -v p=$p '$0 == "PHASE-START " p {f = 1; next} $0 == "PHASE-END " p {f = 0} f && /MB\/s/' $OUT/vm.out | grep -o '[0-9.]* MB/s' | tail -1)
-    echo "## $p: $rate"
-    perf report -i $OUT/perf-$p.data --stdio --sort pid 2>/dev/null | grep -v '^#' | grep -v '^$' | head -3
-    perf report -i $OUT/perf-$p.data --stdio --sort sym 2>/dev/null > $OUT/report-$p.txt
-    python3 benches/tcg-profile.py $OUT/kallsyms.txt $OUT/report-$p.txt "${rate% MB/s}" $SECS
+for tag in "${TAGS[@]}"; do
+    p=${tag%.*}; k=${tag##*.}
+    # the lines of the k-th run of phase p
+    out=$(awk -v p=$p -v k=$k '$0 == "PHASE-START " p {n++; f = (n == k); next} $0 == "PHASE-END " p {f = 0} f' $OUT/vm.out)
+    rate=$(echo "$out" | grep -o '[0-9.]* MB/s' | tail -1)
+    iops=$(echo "$out" | grep -o '^[0-9]* IOPS' | tail -1)
+    echo "## $p (round $k): $rate${iops:+, $iops}"
+    perf report -i $OUT/perf-$tag.data --stdio --sort pid 2>/dev/null | grep -v '^#' | grep -v '^$' | head -3
+    perf report -i $OUT/perf-$tag.data --stdio --sort sym 2>/dev/null > $OUT/report-$tag.txt
+    python3 benches/tcg-profile.py $OUT/kallsyms.txt $OUT/report-$tag.txt "${rate% MB/s}" $SECS ${iops% IOPS}
 done
