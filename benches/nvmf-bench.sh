@@ -49,6 +49,8 @@ LOG=/tmp/nvmf-bench; mkdir -p $LOG
 # host buffers like (a) on their own drives (data4, data5: `cargo xtask vm --drives 5`), started
 # with the extra target options ARGS_d / ARGS_e (e.g. ARGS_d="--busy-poll 200"); ARGS_a and
 # ARGS_b add options to (a) and (b) (e.g. ARGS_a="--busy-poll 0").
+# BIN_d, BIN_e (or BIN_a, BIN_b) run that target from another peerpipe binary (a build before
+# and after a change, A/B in one boot), e.g. BIN_d=/tmp/peerpipe-before.
 TARGETS=${TARGETS:-"a b c"}
 PEERS=$(echo $TARGETS | tr ' ' '\n' | grep -v '^c$' | tr '\n' ' ')
 declare -A DESC=([a]="peerpipe, host buffers" [b]="peerpipe, p2p buffers" [c]="kernel nvmet-rdma"
@@ -57,6 +59,8 @@ declare -A PORT=([a]=4420 [b]=4421 [c]=4422 [d]=4423 [e]=4424)
 declare -A SERIAL=([a]=data1 [b]=data2 [c]=data3 [d]=data4 [e]=data5)
 declare -A BUFS=([a]=host [b]=p2p [d]=host [e]=host)
 declare -A ARGS=([a]="${ARGS_a:-}" [b]="${ARGS_b:-}" [d]="${ARGS_d:-}" [e]="${ARGS_e:-}")
+declare -A TBIN=([a]="${BIN_a:-$BIN}" [b]="${BIN_b:-$BIN}" [d]="${BIN_d:-$BIN}" [e]="${BIN_e:-$BIN}")
+for t in a b d e; do [ "${TBIN[$t]}" = "$BIN" ] || DESC[$t]="${DESC[$t]} (binary ${TBIN[$t]})"; done
 declare -A NQN DRIVE DEV PID
 for t in $TARGETS; do NQN[$t]=nqn.2026-11.io.peerpipe:bench-$t; done
 
@@ -103,7 +107,7 @@ fi
 # (a), (b) and the variants: peerpipe targets
 for t in $PEERS; do
     # shellcheck disable=SC2086 # ARGS: several options
-    $BIN target --listen $A1:${PORT[$t]} --nqn ${NQN[$t]} --ns ${DRIVE[$t]} --buffers ${BUFS[$t]} \
+    ${TBIN[$t]} target --listen $A1:${PORT[$t]} --nqn ${NQN[$t]} --ns ${DRIVE[$t]} --buffers ${BUFS[$t]} \
         ${ARGS[$t]} 2>$LOG/target-$t.err &
     PID[$t]=$!
 done

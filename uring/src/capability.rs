@@ -43,7 +43,8 @@ pub struct Capabilities {
     pub coop_taskrun: Feature,
     /// IORING_SETUP_SINGLE_ISSUER.
     pub single_issuer: Feature,
-    /// IORING_SETUP_DEFER_TASKRUN.
+    /// IORING_SETUP_DEFER_TASKRUN (asked together with IORING_SETUP_TASKRUN_FLAG: the
+    /// kernel flags the ring when deferred completions wait, so reaps enter only then).
     pub defer_taskrun: Feature,
     /// Registered files (targets are referenced by index, skipping fd lookups).
     pub registered_files: Feature,

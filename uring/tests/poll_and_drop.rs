@@ -187,6 +187,33 @@ fn nonblocking_reap_finds_completions() {
     let _ = std::fs::remove_file(&p);
 }
 
+/// A completion that arrives while the ring's thread is not in the kernel (here: an eventfd
+/// signalled by another thread while the poll is armed) is deferred task work under
+/// DEFER_TASKRUN; `reap`, which enters the kernel only when the ring is flagged
+/// (TASKRUN_FLAG), must still find it.
+#[test]
+fn reap_finds_a_completion_deferred_while_the_thread_was_away() {
+    let efd = eventfd();
+    let mut ring: Ring = Ring::new().unwrap();
+    ring.poll_add(&efd, libc::POLLIN, false, 7).unwrap();
+    let mut out = Vec::new();
+    assert_eq!(ring.reap(&mut out).unwrap(), 0, "not signalled yet");
+    std::thread::scope(|s| {
+        s.spawn(|| signal(&efd));
+    });
+    let start = Instant::now();
+    while out.is_empty() {
+        ring.reap(&mut out).unwrap();
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "reap never found the poll's completion ({})",
+            ring.capabilities()
+        );
+    }
+    assert_eq!(out[0].tag, 7);
+    assert_eq!(ring.in_flight(), 0);
+}
+
 #[test]
 fn register_buffers_stops_at_the_first_refusal_with_its_errno() {
     let mut ring: Ring = Ring::new().unwrap();

@@ -124,7 +124,10 @@ impl RingBuilder {
                 b.setup_single_issuer();
             }
             if want[DEFER_TASKRUN] {
-                b.setup_defer_taskrun();
+                // With TASKRUN_FLAG the kernel marks the SQ ring when deferred completion
+                // work is waiting, so a reap enters the kernel only then (Linux 5.19; every
+                // kernel with DEFER_TASKRUN, 6.1, has it).
+                b.setup_defer_taskrun().setup_taskrun_flag();
             }
             b.build(self.entries)
                 .map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL))

@@ -21,14 +21,23 @@ impl<B: IoBuf> Ring<B> {
         if n > 0 || self.slots.pending_cqes() == 0 {
             return Ok(n);
         }
-        if self.caps.iopoll == Feature::On
-            || self.caps.defer_taskrun == Feature::On
-            || self.needs_flush()
-        {
+        if self.caps.iopoll == Feature::On || self.needs_flush() || self.work_waiting() {
             // Completions are only produced inside io_uring_enter(GETEVENTS) here.
             self.enter_getevents(0)?;
         }
         Ok(self.drain(out))
+    }
+
+    /// With deferred task work: whether the kernel flagged completion work waiting for an
+    /// `io_uring_enter(GETEVENTS)` (IORING_SQ_TASKRUN, set by TASKRUN_FLAG), or completions
+    /// overflowed the CQ ring. Without the flag nothing would tell, so a reap would enter
+    /// (and make a system call) every time, found something or not.
+    fn work_waiting(&mut self) -> bool {
+        if self.caps.defer_taskrun != Feature::On {
+            return false;
+        }
+        let sq = self.uring.submission();
+        sq.taskrun() || sq.cq_overflow()
     }
 
     fn needs_flush(&mut self) -> bool {
@@ -144,15 +153,16 @@ impl<B: IoBuf> Ring<B> {
         out: &mut Vec<Completion<B>>,
         got: &mut usize,
     ) -> Result<bool> {
-        // With deferred task work or IOPOLL, completions only appear inside io_uring_enter.
-        let must_enter = self.caps.iopoll == Feature::On || self.caps.defer_taskrun == Feature::On;
+        // With IOPOLL completions only appear inside io_uring_enter; with deferred task work
+        // too, once the kernel flagged work waiting.
+        let must_enter = self.caps.iopoll == Feature::On;
         if !self.uring.submission().is_empty() {
             self.submit()?;
         }
         let start = std::time::Instant::now();
         let mut n = 0;
         loop {
-            if must_enter {
+            if must_enter || self.work_waiting() {
                 self.enter_getevents(0)?;
             }
             n += self.drain(out);
