@@ -36,6 +36,13 @@ impl InFlight {
     }
 }
 
+impl InFlight {
+    /// Lets go of the window this WR binds (see `QueuePair`'s `Drop`).
+    pub(crate) fn take_window(&mut self) -> Option<MemoryWindow> {
+        self._window.take()
+    }
+}
+
 /// The regions one WR keeps alive. Most WRs name zero or one region; holding those inline
 /// keeps posting free of heap allocations.
 #[allow(dead_code)] // the regions are held for their Drop, never read

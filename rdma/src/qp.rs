@@ -206,6 +206,26 @@ unsafe impl Sync for QueuePair {}
 
 impl Drop for QueuePair {
     fn drop(&mut self) {
+        // A bound type-2 window holds a reference to its QP in soft-RoCE, whose destroy then
+        // waits for it (about a minute) and fails; and the binds still counted in flight here
+        // hold their windows. So: stop the QP (error state: nothing queued is executed any
+        // more, it is flushed), let go of those windows (a window is no buffer: releasing it
+        // frees no memory the NIC could touch; a window the application still holds stays),
+        // then destroy the QP.
+        // SAFETY: a plain C struct; all zeroes is valid.
+        let mut attr: ibv_qp_attr = unsafe { std::mem::zeroed() };
+        attr.qp_state = ibv_qp_state::IBV_QPS_ERR;
+        // SAFETY: a live QP; attr is a valid attribute struct naming only the state.
+        let rc =
+            unsafe { ibv_modify_qp(self.qp, &mut attr, ibv_qp_attr_mask::IBV_QP_STATE.0 as i32) };
+        if rc != 0 {
+            tracing::debug!(errno = rc, "ibv_modify_qp(ERR) before destroy");
+        }
+        let windows: Vec<_> = lock(&self.shared.send)
+            .iter_mut()
+            .filter_map(InFlight::take_window)
+            .collect();
+        drop(windows);
         // SAFETY: the QP was created on this id by rdma_create_qp; destroyed once. After this
         // the NIC no longer touches the buffers of in-flight WRs, so releasing them is safe.
         unsafe { rdma_destroy_qp(self.id.as_raw()) };
