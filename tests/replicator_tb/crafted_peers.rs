@@ -14,12 +14,31 @@ use super::support::*;
 /// SEND: the replica must end with a protocol error (exit 2) whose text holds every `want`,
 /// never a panic.
 fn crafted_send_is_refused(port: u16, payload: &[u8], want: &[&str]) {
-    let (_, a1) = tb::addrs();
+    use peerpipe::rdma::{
+        CompletionQueue, ConnParams, Connector, ProtectionDomain, QpCaps, QpInit, SendRequest,
+    };
+    let (a0, a1) = tb::addrs();
     let dev = tb::drive("data2").block;
     let addr = format!("{a1}:{port}");
     let kid = open_replica(&addr, &dev);
-    let p = CraftedPrimary::connect(&addr, &kid, 4096);
-    p.send_raw(payload);
+    // The replica printed that it listens: one connect attempt is enough.
+    let c = Connector::resolve(
+        Some(a0.parse().unwrap()),
+        addr.parse().unwrap(),
+        Duration::from_secs(5),
+    )
+    .expect("resolve");
+    let pd = ProtectionDomain::new(c.context()).unwrap();
+    let cq = CompletionQueue::new(c.context(), 16).unwrap();
+    let caps = QpCaps {
+        max_inline_data: 512,
+        ..QpCaps::default()
+    };
+    let conn = c
+        .connect(&QpInit::new(&pd, &cq).caps(caps), &ConnParams::default())
+        .unwrap_or_else(|e| panic!("connect to the replica: {e}\n{}", kid.so_far()));
+    conn.post_send(&[SendRequest::send_inline(1, payload)])
+        .unwrap();
     let o = kid.finish(Duration::from_secs(60));
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{}", tb::text(&o));

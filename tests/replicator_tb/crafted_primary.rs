@@ -30,8 +30,7 @@ impl CraftedPrimary {
     /// attempt is enough), with a payload block of `block` bytes.
     pub fn connect(addr: &str, kid: &tb::Watched, block: usize) -> CraftedPrimary {
         use peerpipe::rdma::{
-            Access, CompletionQueue, ConnParams, Connector, MemoryRegion, ProtectionDomain, QpCaps,
-            QpInit,
+            Access, CompletionQueue, ConnParams, Connector, MemoryRegion, ProtectionDomain, QpInit,
         };
         let (a0, _) = tb::addrs();
         let c = Connector::resolve(
@@ -50,23 +49,14 @@ impl CraftedPrimary {
         .unwrap();
         let data = MemoryRegion::alloc(&pd, block, Access::local_read().local_write()).unwrap();
         data.write_at(0, &vec![0x5a; block]).unwrap();
-        // Inline SENDs as long as a receive (`send_raw` sends whole packed payloads).
-        let caps = QpCaps {
-            max_inline_data: CRAFTED_RECV_LEN as u32,
-            ..QpCaps::default()
-        };
         let conn = c
-            .connect_with(
-                &QpInit::new(&pd, &cq).caps(caps),
-                &ConnParams::default(),
-                |qp| {
-                    qp.post_recv(
-                        &(0..CRAFTED_RECVS)
-                            .map(|i| Self::recv(&rmr, i))
-                            .collect::<Vec<_>>(),
-                    )
-                },
-            )
+            .connect_with(&QpInit::new(&pd, &cq), &ConnParams::default(), |qp| {
+                qp.post_recv(
+                    &(0..CRAFTED_RECVS)
+                        .map(|i| Self::recv(&rmr, i))
+                        .collect::<Vec<_>>(),
+                )
+            })
             .unwrap_or_else(|e| panic!("connect: {e}\n{}", kid.so_far()));
         CraftedPrimary {
             conn,
@@ -135,12 +125,6 @@ impl CraftedPrimary {
             .map(|(id, m)| peerpipe::rdma::SendRequest::send_inline(*id, &m.encode()))
             .collect();
         self.conn.post_send(&wrs).unwrap();
-    }
-
-    /// Sends `payload` as it is, one inline SEND (for payloads no real primary would send).
-    pub fn send_raw(&self, payload: &[u8]) {
-        let wr = peerpipe::rdma::SendRequest::send_inline(1003, payload);
-        self.conn.post_send(&[wr]).unwrap();
     }
 
     /// Sends a hello for `blocks` blocks of `bs` bytes from offset 0, window 4.
