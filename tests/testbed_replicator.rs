@@ -436,31 +436,12 @@ fn testbed_replicator_stalled_replica_is_failed_alone() {
 /// SEND: the replica must end with a protocol error (exit 2) whose text holds every `want`,
 /// never a panic.
 fn crafted_send_is_refused(port: u16, payload: &[u8], want: &[&str]) {
-    use peerpipe::rdma::{
-        CompletionQueue, ConnParams, Connector, ProtectionDomain, QpCaps, QpInit, SendRequest,
-    };
-    let (a0, a1) = tb::addrs();
+    let (_, a1) = tb::addrs();
     let dev = tb::drive("data2").block;
     let addr = format!("{a1}:{port}");
     let kid = open_replica(&addr, &dev);
-    // The replica printed that it listens: one connect attempt is enough.
-    let c = Connector::resolve(
-        Some(a0.parse().unwrap()),
-        addr.parse().unwrap(),
-        Duration::from_secs(5),
-    )
-    .expect("resolve");
-    let pd = ProtectionDomain::new(c.context()).unwrap();
-    let cq = CompletionQueue::new(c.context(), 16).unwrap();
-    let caps = QpCaps {
-        max_inline_data: 512,
-        ..QpCaps::default()
-    };
-    let conn = c
-        .connect(&QpInit::new(&pd, &cq).caps(caps), &ConnParams::default())
-        .unwrap_or_else(|e| panic!("connect to the replica: {e}\n{}", kid.so_far()));
-    conn.post_send(&[SendRequest::send_inline(1, payload)])
-        .unwrap();
+    let p = CraftedPrimary::connect(&addr, &kid, 4096);
+    p.send_raw(payload);
     let o = kid.finish(Duration::from_secs(60));
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{}", tb::text(&o));
@@ -671,7 +652,8 @@ impl CraftedPrimary {
     /// attempt is enough), with a payload block of `block` bytes.
     fn connect(addr: &str, kid: &tb::Watched, block: usize) -> CraftedPrimary {
         use peerpipe::rdma::{
-            Access, CompletionQueue, ConnParams, Connector, MemoryRegion, ProtectionDomain, QpInit,
+            Access, CompletionQueue, ConnParams, Connector, MemoryRegion, ProtectionDomain, QpCaps,
+            QpInit,
         };
         let (a0, _) = tb::addrs();
         let c = Connector::resolve(
@@ -690,14 +672,23 @@ impl CraftedPrimary {
         .unwrap();
         let data = MemoryRegion::alloc(&pd, block, Access::local_read().local_write()).unwrap();
         data.write_at(0, &vec![0x5a; block]).unwrap();
+        // Inline SENDs as long as a receive (`send_raw` sends whole packed payloads).
+        let caps = QpCaps {
+            max_inline_data: CRAFTED_RECV_LEN as u32,
+            ..QpCaps::default()
+        };
         let conn = c
-            .connect_with(&QpInit::new(&pd, &cq), &ConnParams::default(), |qp| {
-                qp.post_recv(
-                    &(0..CRAFTED_RECVS)
-                        .map(|i| Self::recv(&rmr, i))
-                        .collect::<Vec<_>>(),
-                )
-            })
+            .connect_with(
+                &QpInit::new(&pd, &cq).caps(caps),
+                &ConnParams::default(),
+                |qp| {
+                    qp.post_recv(
+                        &(0..CRAFTED_RECVS)
+                            .map(|i| Self::recv(&rmr, i))
+                            .collect::<Vec<_>>(),
+                    )
+                },
+            )
             .unwrap_or_else(|e| panic!("connect: {e}\n{}", kid.so_far()));
         CraftedPrimary {
             conn,
@@ -766,6 +757,12 @@ impl CraftedPrimary {
             .map(|(id, m)| peerpipe::rdma::SendRequest::send_inline(*id, &m.encode()))
             .collect();
         self.conn.post_send(&wrs).unwrap();
+    }
+
+    /// Sends `payload` as it is, one inline SEND (for payloads no real primary would send).
+    fn send_raw(&self, payload: &[u8]) {
+        let wr = peerpipe::rdma::SendRequest::send_inline(1003, payload);
+        self.conn.post_send(&[wr]).unwrap();
     }
 
     /// Sends a hello for `blocks` blocks of `bs` bytes from offset 0, window 4.
