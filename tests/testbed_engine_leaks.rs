@@ -158,7 +158,7 @@ fn testbed_leaks_replica_engine_after_its_primary_is_killed() {
     );
     let run = std::thread::spawn(move || engine.run());
     // The engine's end, within a bound (its primary gone: 10 s of silence at most, plus rxe's
-    // 50 s QP destroy stall; see tests/testbed_replicator.rs).
+    // 50 s QP destroy stall; see tests/replicator_tb/faults.rs).
     let join = |run: std::thread::JoinHandle<_>| {
         let end = std::time::Instant::now() + Duration::from_secs(120);
         while !run.is_finished() {

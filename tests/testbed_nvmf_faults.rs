@@ -141,7 +141,7 @@ fn testbed_nvmf_link_down_mid_io_frees_the_controller_and_host_reconnects() {
     // notices the silent controller (keep-alive / transport errors) and tears it down. The
     // link comes back after at most 25 s, whatever happened: rxe 6.12 frees a QP whose destroy
     // stalled 50 s with packets still queued, and a link still down then crashes the guest
-    // (see tb::LinkDown and tests/testbed_replicator.rs).
+    // (see tb::LinkDown and tests/replicator_tb/faults.rs).
     let mut after = held();
     while t0.elapsed() < Duration::from_secs(25) {
         after = held();

@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 mod link;
-pub use link::{active_rxe_ports, gsi_qps_in_error, ip, LinkDown};
+pub use link::{active_rxe_ports, gsi_qps_in_error, ip, verbs_holders, LinkDown};
 
 /// Panics (fails the test) when not inside the testbed VM: these tests must never pass
 /// vacuously.
