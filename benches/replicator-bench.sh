@@ -5,6 +5,7 @@
 #   cargo xtask vm -- env SIZE=128M RUNS=3 MODES="host:none host:bounce" REPLICAS="1 2" \
 #       bash benches/replicator-bench.sh
 #   PEERPIPE_VM_TCG=multi cargo xtask vm -- ...                   # multi-threaded TCG
+#   ... env PLACEMENTS="any split" ...                            # placement as one more case
 #
 # Each run first measures every stage alone, at block size BS and depth WINDOW, then runs the
 # replicator once per case (interleaved, so slow phases of the host hit all alike):
@@ -21,6 +22,12 @@
 #                 every guest CPU cycle on one host thread, so stages cannot overlap
 #   min bound     min(R_read, R_net/N, R_write): where stages overlap (PEERPIPE_VM_TCG=multi,
 #                 hardware)
+# PLACEMENTS: "any" (the scheduler places every process) and/or "split": the primary's side
+# (the replicator's primary, the network tools' client) on vCPU 0 and the replicas' side (each
+# replica, the network tools' server) on vCPU 1 (taskset), as two hosts would be. In single-
+# threaded TCG each guest address-space switch empties the vCPU's translated-code jump cache
+# and softmmu TLB, and split placement keeps one user process per vCPU. R_net is then the
+# best stream over both tools and every placement listed.
 # Guest CPU: busy time of the whole VM (/proc/stat: all CPUs, user+nice+system+irq+softirq)
 # per GiB moved, for each stage alone and for the replicator; "x stages" divides the
 # replicator's by R_read's + N x (R_net's + R_write's) (the network stage's tool is the one
@@ -32,7 +39,12 @@ BIN=${BIN:-target/release/peerpipe}
 RDMA_BW=${RDMA_BW:-target/release/examples/rdma_bw}
 SIZE=${SIZE:-32M}; BS=${BS:-64K}; WINDOW=${WINDOW:-16}; RUNS=${RUNS:-1}
 MODES=${MODES:-"host:none p2p:none host:bounce"}
-WAITS=${WAITS:-events}; REPLICAS=${REPLICAS:-"1 2"}
+WAITS=${WAITS:-events}; REPLICAS=${REPLICAS:-"1 2"}; PLACEMENTS=${PLACEMENTS:-any}
+PL=any
+on() { # SIDE CMD...: CMD on vCPU SIDE when the placement is "split", wherever otherwise
+  local side=$1; shift
+  if [ "$PL" = split ]; then taskset -c "$side" "$@"; else "$@"; fi
+}
 A0=${PEERPIPE_ADDR0:-10.77.0.1}; A1=${PEERPIPE_ADDR1:-10.77.0.2}
 dev() { for d in /sys/block/nvme*; do [ "$(cat $d/device/serial | tr -d ' ')" = "$1" ] && echo /dev/$(basename $d); done; }
 SRC=$(dev data1); D2=$(dev data2); D3=$(dev data3)
@@ -60,18 +72,18 @@ fio_mbs() { # rw dev [fio args] -> "MB/s cpu_s_per_gib"; terse fields 7 / 48: re
 mib_to_mbs() { awk '$1 ~ /^[0-9]+$/ && NF >= 5 {printf "%.2f\n", $4 * 1048576 / 1000000; exit}'; }
 ib_mbs() { # [extra ib_write_bw args, e.g. --mmap=/dev/p2pmem0] -> "MB/s cpu_s_per_gib"
   local t0; t0=$(busy)
-  ib_write_bw -R -d rxe1 -s $(bytes $BS) -n $N -t $WINDOW -p 18515 "$@" >/dev/null 2>&1 & local s=$!
+  on 1 ib_write_bw -R -d rxe1 -s $(bytes $BS) -n $N -t $WINDOW -p 18515 "$@" >/dev/null 2>&1 & local s=$!
   sleep 1
-  local m; m=$(ib_write_bw -R -d rxe0 --source_ip $A0 -s $(bytes $BS) -n $N -t $WINDOW -p 18515 "$@" $A1 2>/dev/null | mib_to_mbs)
+  local m; m=$(on 0 ib_write_bw -R -d rxe0 --source_ip $A0 -s $(bytes $BS) -n $N -t $WINDOW -p 18515 "$@" $A1 2>/dev/null | mib_to_mbs)
   wait $s
   echo "${m:-FAIL} $(per_gib $t0 $(busy))"
 }
 pp_mbs() { # [--mmap=/dev/p2pmem0] peerpipe's rdma_bw, same size, count and depth -> "MB/s cpu_s_per_gib"
   [ -x "$RDMA_BW" ] || { echo "FAIL 0"; return; }
   local t0; t0=$(busy)
-  $RDMA_BW bw --bind $A1 -p 18516 "$@" >/tmp/rdma_bw.srv 2>&1 & local s=$!
+  on 1 $RDMA_BW bw --bind $A1 -p 18516 "$@" >/tmp/rdma_bw.srv 2>&1 & local s=$!
   for _ in $(seq 100); do grep -q waiting /tmp/rdma_bw.srv && break; sleep 0.1; done
-  local m; m=$($RDMA_BW bw -s $(bytes $BS) -n $N -t $WINDOW --source_ip $A0 -p 18516 "$@" $A1 2>/dev/null | mib_to_mbs)
+  local m; m=$(on 0 $RDMA_BW bw -s $(bytes $BS) -n $N -t $WINDOW --source_ip $A0 -p 18516 "$@" $A1 2>/dev/null | mib_to_mbs)
   wait $s
   echo "${m:-FAIL} $(per_gib $t0 $(busy))"
 }
@@ -81,13 +93,13 @@ rep_run() { # bufs copy nrep wait -> "mbs primary-cpu copied replica1-cpu vm-cpu
   local t0; t0=$(busy)
   for i in $(seq 1 $nrep); do
     local t=$([ $i = 1 ] && echo $D2 || echo $D3)
-    $BIN replica --listen $A1:$((7600+i)) --target $t --buffers $bufs --copy $copy --wait $wait --iodepth $WINDOW --bs $BS --allow-primary $A0 --secret-file $SECRET 2>/tmp/replicator-replica$i.err & kids+=($!)
+    on 1 $BIN replica --listen $A1:$((7600+i)) --target $t --buffers $bufs --copy $copy --wait $wait --iodepth $WINDOW --bs $BS --allow-primary $A0 --secret-file $SECRET 2>/tmp/replicator-replica$i.err & kids+=($!)
     args+=(--replica $A1:$((7600+i)))
   done
   for i in $(seq 1 $nrep); do
     for _ in $(seq 200); do grep -q listening /tmp/replicator-replica$i.err && break; sleep 0.05; done
   done
-  local j; j=$($BIN replicate --source $SRC --bind $A0 "${args[@]}" --size $SIZE --bs $BS \
+  local j; j=$(on 0 $BIN replicate --source $SRC --bind $A0 "${args[@]}" --size $SIZE --bs $BS \
       --iodepth $WINDOW --buffers $bufs --copy $copy --wait $wait --output-format=json --secret-file $SECRET 2>/tmp/replicator-primary.err)
   wait "${kids[@]}"
   local vm; vm=$(per_gib $t0 $(busy))
@@ -111,25 +123,30 @@ better() { # RATE1 CPU1 RATE2 CPU2 -> "rate cpu" of the faster tool (a FAIL neve
 }
 
 P2P=$([ -e /dev/p2pmem0 ] && case "$MODES" in *p2p*) echo 1;; esac)
-R=(); W=(); IB=(); PP=(); NET=(); IP=(); IPT=(); IPP=(); CR=(); CW=(); CN=(); CIP=()
-declare -A M C RC X XS XM VC XC
+R=(); W=(); NET=(); IP=(); CR=(); CW=(); CN=(); CIP=()
+declare -A M C RC X XS XM VC XC IB PP IPT IPP
 CASES=()
-for nrep in $REPLICAS; do for m in $MODES; do for wait in $WAITS; do CASES+=("$nrep:$m:$wait"); done; done; done
+for nrep in $REPLICAS; do for m in $MODES; do for wait in $WAITS; do for pl in $PLACEMENTS; do
+  CASES+=("$nrep:$m:$wait:$pl")
+done; done; done; done
 for i in $(seq 1 $RUNS); do
   set -- $(fio_mbs read $SRC); r_i=$1; R+=($1); CR+=($2)
-  set -- $(ib_mbs); ib_i=$1; ib_c=$2; IB+=($1)
-  set -- $(pp_mbs); pp_i=$1; pp_c=$2; PP+=($1)
-  # the network stage is the better of the two tools; its CPU is that tool's
-  set -- $(better $ib_i $ib_c $pp_i $pp_c); n_i=$1; cn_i=$2
+  # the network stage is the best of both tools in every placement; its CPU is that one's
+  n_i=FAIL; cn_i=0; ip_i=FAIL; ip_c=0
+  for PL in $PLACEMENTS; do
+    set -- $(ib_mbs); IB[$PL]+="$1 "; set -- $(better $n_i $cn_i $1 $2); n_i=$1; cn_i=$2
+    set -- $(pp_mbs); PP[$PL]+="$1 "; set -- $(better $n_i $cn_i $1 $2); n_i=$1; cn_i=$2
+    if [ -n "$P2P" ]; then
+      set -- $(ib_mbs --mmap=/dev/p2pmem0); IPT[$PL]+="$1 "; set -- $(better $ip_i $ip_c $1 $2); ip_i=$1; ip_c=$2
+      set -- $(pp_mbs --mmap=/dev/p2pmem0); IPP[$PL]+="$1 "; set -- $(better $ip_i $ip_c $1 $2); ip_i=$1; ip_c=$2
+    fi
+  done
+  PL=any
   NET+=($n_i); CN+=($cn_i)
+  [ -n "$P2P" ] && { IP+=($ip_i); CIP+=($ip_c); }
   set -- $(fio_mbs write $D2 $FSYNC); w_i=$1; W+=($1); CW+=($2)
-  if [ -n "$P2P" ]; then
-    set -- $(ib_mbs --mmap=/dev/p2pmem0); ipt=$1; ipt_c=$2; IPT+=($1)
-    set -- $(pp_mbs --mmap=/dev/p2pmem0); ipp=$1; ipp_c=$2; IPP+=($1)
-    set -- $(better $ipt $ipt_c $ipp $ipp_c); ip_i=$1; IP+=($1); CIP+=($2)
-  fi
   for c in "${CASES[@]}"; do
-    nrep=${c%%:*}; rest=${c#*:}; wait=${rest##*:}; m=${rest%:*}; bufs=${m%:*}; copy=${m#*:}
+    IFS=: read -r nrep bufs copy wait PL <<< "$c"
     set -- $(rep_run $bufs $copy $nrep $wait)
     if [ "$1" = FAIL ]; then M[$c]+="FAIL "; continue; fi
     M[$c]+="$1 "; X[$c]=$3
@@ -149,14 +166,18 @@ echo
 echo "| stage alone | MB/s (10^6 B/s, median) | runs (MB/s) | VM CPU s/GiB (runs) |"
 echo "|---|---|---|---|"
 echo "| R_read: fio read source (io_uring, O_DIRECT) | $r | ${R[*]} | ${CR[*]} |"
-echo "| perftest ib_write_bw -R rxe0->rxe1 | $(echo ${IB[*]} | median) | ${IB[*]} | |"
-echo "| peerpipe rdma_bw bw rxe0->rxe1 | $(echo ${PP[*]} | median) | ${PP[*]} | |"
-echo "| R_net: the better of the two, per run | $net | ${NET[*]} | ${CN[*]} |"
+for pl in $PLACEMENTS; do
+  echo "| perftest ib_write_bw -R rxe0->rxe1, placement $pl | $(echo ${IB[$pl]} | median) | ${IB[$pl]} | |"
+  echo "| peerpipe rdma_bw bw rxe0->rxe1, placement $pl | $(echo ${PP[$pl]} | median) | ${PP[$pl]} | |"
+done
+echo "| R_net: the best of these, per run | $net | ${NET[*]} | ${CN[*]} |"
 echo "| R_write: fio write target ($([ -n "$FSYNC" ] && echo "$FSYNC, " )+end fsync) | $w | ${W[*]} | ${CW[*]} |"
 if [ -n "$P2P" ]; then
-  echo "| perftest ib_write_bw -R, both buffers in /dev/p2pmem0 | $(echo ${IPT[*]} | median) | ${IPT[*]} | |"
-  echo "| peerpipe rdma_bw bw, both buffers in /dev/p2pmem0 | $(echo ${IPP[*]} | median) | ${IPP[*]} | |"
-  echo "| R_net p2p: the better of the two, per run | $(echo ${IP[*]} | median) | ${IP[*]} | ${CIP[*]} |"
+  for pl in $PLACEMENTS; do
+    echo "| perftest ib_write_bw -R, both buffers in /dev/p2pmem0, placement $pl | $(echo ${IPT[$pl]} | median) | ${IPT[$pl]} | |"
+    echo "| peerpipe rdma_bw bw, both buffers in /dev/p2pmem0, placement $pl | $(echo ${IPP[$pl]} | median) | ${IPP[$pl]} | |"
+  done
+  echo "| R_net p2p: the best of these, per run | $(echo ${IP[*]} | median) | ${IP[*]} | ${CIP[*]} |"
 fi
 for k in $REPLICAS; do
   echo "| **serial bound**, $k replica(s) (MB/s) | $(serial $r $net $w $k) | | |"
@@ -170,11 +191,11 @@ done
 echo
 echo "x serial / x min: median over runs of MB/s / that run's bound (p2p modes: with R_net p2p). VM CPU: whole-VM busy s per GiB replicated; x stages: over R_read's + N x (R_net's + R_write's)"
 echo
-echo "| mode | wait | replicas | MB/s (10^6 B/s, median) | x serial bound | x min bound | VM CPU s/GiB | x stages CPU | CPU s/GiB primary | CPU s/GiB replica 1 | payload bytes copied | runs (MB/s) | runs (x serial) | runs (x stages CPU) |"
-echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+echo "| mode | wait | placement | replicas | MB/s (10^6 B/s, median) | x serial bound | x min bound | VM CPU s/GiB | x stages CPU | CPU s/GiB primary | CPU s/GiB replica 1 | payload bytes copied | runs (MB/s) | runs (x serial) | runs (x stages CPU) |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 for c in "${CASES[@]}"; do
-  nrep=${c%%:*}; rest=${c#*:}; wait=${rest##*:}; m=${rest%:*}; bufs=${m%:*}; copy=${m#*:}
-  echo "| $bufs, copy $copy | $wait | $nrep | $(echo ${M[$c]} | median) | $(echo ${XS[$c]:-} | median) | $(echo ${XM[$c]:-} | median) | $(echo ${VC[$c]:-} | median) | $(echo ${XC[$c]:-} | median) | $(echo ${C[$c]:-} | median) | $(echo ${RC[$c]:-} | median) | ${X[$c]:-} | ${M[$c]} | ${XS[$c]:-} | ${XC[$c]:-} |"
+  IFS=: read -r nrep bufs copy wait pl <<< "$c"
+  echo "| $bufs, copy $copy | $wait | $pl | $nrep | $(echo ${M[$c]} | median) | $(echo ${XS[$c]:-} | median) | $(echo ${XM[$c]:-} | median) | $(echo ${VC[$c]:-} | median) | $(echo ${XC[$c]:-} | median) | $(echo ${C[$c]:-} | median) | $(echo ${RC[$c]:-} | median) | ${X[$c]:-} | ${M[$c]} | ${XS[$c]:-} | ${XC[$c]:-} |"
 done
 # Zero-copy against bounce, run by run (same buffers, replicas and wait mode).
 for c in "${CASES[@]}"; do
@@ -185,4 +206,14 @@ for c in "${CASES[@]}"; do
     awk '$1 != "FAIL" && $2 != "FAIL" && $2 > 0 {printf "%.2f ", $1/$2}')
   echo
   echo "zero-copy / bounce, $c: per run $ratios-> median $(echo $ratios | median)"
+done
+# Split placement against the scheduler's, run by run (same everything else).
+for c in "${CASES[@]}"; do
+  case $c in *:any) ;; *) continue;; esac
+  b=${c%:any}:split
+  [ -n "${M[$b]:-}" ] || continue
+  ratios=$(paste -d' ' <(echo ${M[$b]} | tr ' ' '\n') <(echo ${M[$c]} | tr ' ' '\n') |
+    awk '$1 != "FAIL" && $2 != "FAIL" && $2 > 0 {printf "%.2f ", $1/$2}')
+  echo
+  echo "split / any, ${c%:any}: per run $ratios-> median $(echo $ratios | median)"
 done
