@@ -105,7 +105,7 @@ rep_run() { # bufs copy nrep wait -> "mbs primary-cpu copied replica1-cpu vm-cpu
   local vm; vm=$(per_gib $t0 $(busy))
   field() { echo "$j" | grep -o "\"$1\":[0-9.]*" | cut -d: -f2; }
   if echo "$j" | grep -q '"success":true'; then
-    echo "$(field mb_per_s) $(field cpu_seconds) $(field payload_bytes_copied) $(grep -o 'CPU [0-9.]* s' /tmp/replicator-replica1.err | awk '{print $2}') $vm"
+    echo "$(printf %.2f "$(field mb_per_s)") $(field cpu_seconds) $(field payload_bytes_copied) $(grep -o 'CPU [0-9.]* s' /tmp/replicator-replica1.err | awk '{print $2}') $vm"
   else
     echo FAIL
     sed 's/^/    primary: /' /tmp/replicator-primary.err >&2

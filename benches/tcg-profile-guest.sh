@@ -3,6 +3,8 @@
 # kernel's text symbols between KALLSYMS markers, then runs each phase in PHASES between
 # "PHASE-START name" / "PHASE-END name" lines (the host records perf while a phase runs):
 #   rep       peerpipe replicate data1 -> replica data2, SIZE, BS, WINDOW, host buffers
+#   rep_split the same with the primary on vCPU 0 and the replica on vCPU 1 (taskset), as
+#             replicator-bench.sh's PLACEMENTS=split
 #   rdma_bw   peerpipe's rdma_bw, the same bytes, block size and depth (the network alone)
 #   fio_read  fio read of data1, fio_write  fio write of data2 (the drive stages alone,
 #             FIO_SECS long, time-based)
@@ -87,12 +89,14 @@ for p in $PHASES; do
     esac
     mark "PHASE-START $p"
     case $p in
-    rep)
-        $BIN replica --listen $A1:7710 --target $D2 --buffers host --iodepth $WINDOW --bs $BS \
+    rep|rep_split)
+        on0=(); on1=()
+        [ $p = rep_split ] && { on0=(taskset -c 0); on1=(taskset -c 1); }
+        "${on1[@]}" $BIN replica --listen $A1:7710 --target $D2 --buffers host --iodepth $WINDOW --bs $BS \
             --allow-primary $A0 --secret-file $SECRET 2>/tmp/tcg-replica.err &
         k=$!
         for _ in $(seq 200); do grep -q listening /tmp/tcg-replica.err && break; sleep 0.05; done
-        $BIN replicate --source $SRC --bind $A0 --replica $A1:7710 --size $SIZE --bs $BS \
+        "${on0[@]}" $BIN replicate --source $SRC --bind $A0 --replica $A1:7710 --size $SIZE --bs $BS \
             --iodepth $WINDOW --buffers host --secret-file $SECRET 2>&1 | grep -o 'replicated .* MB/s'
         wait $k;;
     rdma_bw)

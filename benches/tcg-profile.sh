@@ -8,6 +8,7 @@
 #   cargo build --release -p peerpipe --bin peerpipe --example rdma_bw
 #   bash benches/tcg-profile.sh                        # PHASES="rep rdma_bw", SIZE=256M
 #   env PHASES="rep rdma_bw fio_read fio_write" SIZE=128M bash benches/tcg-profile.sh
+#   env PHASES="rep rep_split rdma_bw" bash benches/tcg-profile.sh   # placement: any vs split
 #   env PHASES="nvmf_a nvmf_c" bash benches/tcg-profile.sh   # issue 15: the NVMe-oF targets,
 #       fio 4 KiB randread QD32 from the kernel host (NVMF_RW, NVMF_BS, NVMF_QD, NVMF_ARGS)
 #
