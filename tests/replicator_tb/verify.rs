@@ -219,11 +219,24 @@ fn testbed_replicator_nvme_passthrough_verify_p2p() {
     tb::require_testbed();
     let (out, err) = replicate_with(|d| d.ng.clone(), "p2p", &[], 7501);
     assert_eq!(summary(&out)["wait"], "events", "{out}");
+    assert!(err.contains("wait events, busy poll 200 us"), "{err}");
     assert!(err.contains("source /dev/ng"), "{err}");
     assert!(err.contains("(nvme passthrough)"), "{err}");
     assert!(err.contains("Identify Controller VWC"), "{err}");
     assert!(err.contains("via /dev/p2pmem0"), "start line: {err}");
     assert!(!err.contains("Some("), "debug formatting leaked: {err}");
+}
+
+/// The event-driven wait with no polling at all (`--busy-poll 0` on both sides: every idle
+/// spell sleeps at once), on block devices, host buffers.
+#[test]
+#[ignore = "skipped: no device (testbed test; run: cargo xtask test)"]
+fn testbed_replicator_events_without_busy_poll_verify_host() {
+    tb::require_testbed();
+    let (out, err) = replicate_with(|d| d.block.clone(), "host", &["--busy-poll", "0"], 7520);
+    assert_eq!(summary(&out)["wait"], "events", "{out}");
+    // Both start lines say so (no "busy poll" in either).
+    assert_eq!(err.matches(", wait events\n").count(), 2, "{err}");
 }
 
 /// The busy-polling wait (`--wait busy` on both sides) on block devices, host buffers.

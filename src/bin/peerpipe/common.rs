@@ -118,6 +118,11 @@ pub struct Shared {
     /// events: sleep on RDMA completion channels and the drive in one io_uring; busy: poll
     #[arg(long, value_name = "events|busy", default_value = "events", value_parser = from_str::<WaitMode>)]
     pub wait: WaitMode,
+    /// Microseconds an events-mode loop keeps polling after it runs out of work, before it
+    /// sleeps (0: sleep at once); spends up to that much CPU per idle spell to save wake-ups
+    #[arg(long, value_name = "USECS", default_value_t = 200,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub busy_poll: u64,
     /// Seconds without progress before a peer is declared gone
     #[arg(long, value_name = "S", default_value_t = 20)]
     pub timeout: u64,
@@ -155,6 +160,14 @@ pub fn copy_text(c: CopyMode) -> &'static str {
     match c {
         CopyMode::Bounce => ", copy bounce",
         CopyMode::None => ", zero-copy",
+    }
+}
+
+/// How the loop waits, for the start-up lines: "events, busy poll 200 us", "busy".
+pub fn wait_text(s: &Shared) -> String {
+    match s.wait {
+        WaitMode::Events if s.busy_poll > 0 => format!("events, busy poll {} us", s.busy_poll),
+        w => w.to_string(),
     }
 }
 

@@ -11,7 +11,7 @@ use peerpipe::pipeline::engine::{
 };
 use serde::Serialize;
 
-use crate::common::{copy_text, print_json, say, Shared};
+use crate::common::{copy_text, print_json, say, wait_text, Shared};
 
 /// `peerpipe replica` options.
 #[derive(Debug, Args)]
@@ -72,6 +72,7 @@ fn config(o: &Replica) -> Result<ReplicaConfig, EngineError> {
         .copy(s.copy)
         .timeout(Duration::from_secs(s.timeout))
         .wait(s.wait)
+        .busy_poll(Duration::from_micros(s.busy_poll))
         .bounds(s.offset, s.size)
         .access(ReplicaAccess {
             primaries: o.allow_primary.clone(),
@@ -94,7 +95,7 @@ fn run(o: &Replica) -> Result<u8, EngineError> {
         "replica: primary connected; buffers {}{}, wait {}",
         engine.buffers(),
         copy_text(o.shared.copy),
-        o.shared.wait
+        wait_text(&o.shared)
     );
     let report = engine.run_with(&mut |ev| match ev {
         Event::Connected => say(line.clone()),

@@ -13,7 +13,7 @@ use peerpipe::pipeline::engine::{EngineError, Event, PrimaryConfig, PrimaryEngin
 use peerpipe::pipeline::ByteRange;
 use serde::Serialize;
 
-use crate::common::{copy_text, parse_seconds, parse_size, print_json, say, Shared};
+use crate::common::{copy_text, parse_seconds, parse_size, print_json, say, wait_text, Shared};
 
 /// `peerpipe replicate` options.
 #[derive(Debug, Args)]
@@ -167,6 +167,7 @@ fn config(o: &Replicate) -> Result<PrimaryConfig, EngineError> {
         .verify(o.verify)
         .timeout(Duration::from_secs(s.timeout))
         .wait(s.wait)
+        .busy_poll(Duration::from_micros(s.busy_poll))
         .rate(o.rate)
         .progress_every(o.status_interval.unwrap_or(Duration::from_secs(1)))
         .secret(s.secret()?))
@@ -189,7 +190,7 @@ fn run(o: &Replicate) -> Result<bool, EngineError> {
         copy_text(o.shared.copy),
         o.source,
         engine.backend(),
-        o.shared.wait
+        wait_text(&o.shared)
     ));
     // A progress bar only for a person watching: stderr is a terminal, no JSON, no
     // `progress:` lines asked for.

@@ -68,6 +68,9 @@ pub enum WaitMode {
     BusyPoll,
 }
 
+/// How long an events-mode loop polls before it sleeps, by default: [`PrimaryConfig::busy_poll`].
+pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(200);
+
 impl fmt::Display for WaitMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -190,6 +193,7 @@ pub struct PrimaryConfig {
     verify: bool,
     timeout: Duration,
     wait: WaitMode,
+    busy_poll: Duration,
     rate: Option<u64>,
     progress_every: Duration,
     secret: Option<Secret>,
@@ -213,6 +217,7 @@ impl PrimaryConfig {
             verify: false,
             timeout: Duration::from_secs(20),
             wait: WaitMode::Events,
+            busy_poll: DEFAULT_BUSY_POLL,
             rate: None,
             progress_every: Duration::from_secs(1),
             secret: None,
@@ -271,6 +276,15 @@ impl PrimaryConfig {
     /// How the loop waits.
     pub fn wait(mut self, w: WaitMode) -> Self {
         self.wait = w;
+        self
+    }
+    /// In [`WaitMode::Events`], how long a loop that ran out of work keeps polling its
+    /// completion queues and drive ring (a PAUSE between rounds) before it sleeps
+    /// ([`DEFAULT_BUSY_POLL`]; zero: sleep at once). A block's next event usually comes
+    /// within it, so the loop saves a sleep and a wake-up per event for at most this much
+    /// CPU per idle spell; like the kernel's `net.core.busy_poll`.
+    pub fn busy_poll(mut self, d: Duration) -> Self {
+        self.busy_poll = d;
         self
     }
     /// Reads the source at no more than `bytes_per_sec` (`None`: as fast as the pipeline
@@ -338,6 +352,7 @@ pub struct ReplicaConfig {
     timeout: Duration,
     accept_timeout: Duration,
     wait: WaitMode,
+    busy_poll: Duration,
     access: ReplicaAccess,
     bounds: (u64, Option<u64>),
 }
@@ -356,6 +371,7 @@ impl ReplicaConfig {
             timeout: Duration::from_secs(20),
             accept_timeout: Duration::from_secs(120),
             wait: WaitMode::Events,
+            busy_poll: DEFAULT_BUSY_POLL,
             access: ReplicaAccess::default(),
             bounds: (0, None),
         }
@@ -405,6 +421,11 @@ impl ReplicaConfig {
     /// How the loop waits.
     pub fn wait(mut self, w: WaitMode) -> Self {
         self.wait = w;
+        self
+    }
+    /// As [`PrimaryConfig::busy_poll`].
+    pub fn busy_poll(mut self, d: Duration) -> Self {
+        self.busy_poll = d;
         self
     }
     /// The target path.

@@ -157,7 +157,7 @@ impl PrimaryEngine {
             )?);
         }
         observe(Event::Connected);
-        let mut waiter = Waiter::new(cfg.wait, links.len());
+        let mut waiter = Waiter::new(cfg.wait, cfg.busy_poll, links.len());
         let result = self.run_loop(&mut links, &mut waiter, observe);
         // Reads (and polls) still in flight finish before the buffers and links go away.
         waiter.drain(&mut self.drive.ring);

@@ -192,7 +192,7 @@ impl ReplicaEngine {
                 EngineError::rdma("memory windows (needed for least-privilege access)", e)
             })?;
         observe(Event::Connected);
-        let mut waiter = Waiter::new(self.cfg.wait, 1);
+        let mut waiter = Waiter::new(self.cfg.wait, self.cfg.busy_poll, 1);
         let mut links = [link];
         let result = self.run_loop(&mut links, &mws, &mut waiter);
         // Drive I/O still in flight finishes before the buffers go away.

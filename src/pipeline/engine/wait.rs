@@ -7,11 +7,18 @@
 //! before the loop sleeps; a completion that slipped in between arming and sleeping makes the
 //! channel readable, so the sleep ends at once.
 //!
+//! Events mode first polls for a while (`busy_poll`, 200 us by default) before it sleeps: the
+//! CQs and the ring are polled in the loop's own rounds, with a PAUSE between them, until
+//! work turns up or the spell is over. In the testbed's single-threaded TCG, where every
+//! sleep halts a vCPU and every wake-up costs the emulator a host-thread switch, this made
+//! the replicator 1.1-1.5x faster (benches/results-replicator.md, "Session 11"); the PAUSE
+//! hands the host thread to the other vCPU meanwhile.
+//!
 //! [`WaitMode::BusyPoll`]: poll the CQs and the ring in a loop, yielding the CPU and, after a
 //! few empty rounds, sleeping 200 us (under emulation the kernel's rxe threads need the CPU
 //! more than the poller does).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::slots::DriveBuf;
 use crate::uring::{Completion, OpKind, PollId, Ring};
@@ -35,14 +42,21 @@ struct Watch {
 pub(crate) struct Waiter {
     mode: WaitMode,
     empty_rounds: u32,
+    /// Events mode: poll (with a PAUSE between rounds) for this long before sleeping.
+    spin: Duration,
+    /// When the current run of empty rounds began.
+    idle_since: Option<Instant>,
     watches: Vec<Watch>,
 }
 
 impl Waiter {
-    pub(crate) fn new(mode: WaitMode, links: usize) -> Waiter {
+    /// A waiter for `links` links; in events mode it polls for up to `spin` before sleeping.
+    pub(crate) fn new(mode: WaitMode, spin: Duration, links: usize) -> Waiter {
         Waiter {
             mode,
             empty_rounds: 0,
+            spin,
+            idle_since: None,
             watches: (0..links).map(|_| Watch::default()).collect(),
         }
     }
@@ -50,6 +64,7 @@ impl Waiter {
     /// A round did work: the next empty round starts the backoff again.
     pub(crate) fn busy(&mut self) {
         self.empty_rounds = 0;
+        self.idle_since = None;
     }
 
     /// A round did nothing: wait up to `bound` for something to happen. Drive completions
@@ -75,7 +90,18 @@ impl Waiter {
                 }
                 Ok(())
             }
-            WaitMode::Events => self.sleep(links, ring, bound, done),
+            WaitMode::Events => {
+                if !self.spin.is_zero() {
+                    let since = *self.idle_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() < self.spin.min(bound) {
+                        for _ in 0..16 {
+                            std::hint::spin_loop();
+                        }
+                        return Ok(());
+                    }
+                }
+                self.sleep(links, ring, bound, done)
+            }
         }
     }
 
