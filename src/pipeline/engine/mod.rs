@@ -60,7 +60,8 @@ pub const MAX_WINDOW: u32 = 1024;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum WaitMode {
     /// Sleep in `io_uring_enter` until a drive completion, an RDMA completion (CQ completion
-    /// channel polled in the ring) or a connection event arrives. Costs no CPU while idle.
+    /// channel polled in the ring) or a connection event arrives, after polling for up to
+    /// [`PrimaryConfig::busy_poll`] (200 us by default). Costs no CPU while idle beyond that.
     #[default]
     Events,
     /// Poll the CQs and the ring in a loop (yield, then 200 us sleeps after a few empty
