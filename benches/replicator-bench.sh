@@ -197,13 +197,16 @@ for c in "${CASES[@]}"; do
   IFS=: read -r nrep bufs copy wait pl <<< "$c"
   echo "| $bufs, copy $copy | $wait | $pl | $nrep | $(echo ${M[$c]} | median) | $(echo ${XS[$c]:-} | median) | $(echo ${XM[$c]:-} | median) | $(echo ${VC[$c]:-} | median) | $(echo ${XC[$c]:-} | median) | $(echo ${C[$c]:-} | median) | $(echo ${RC[$c]:-} | median) | ${X[$c]:-} | ${M[$c]} | ${XS[$c]:-} | ${XC[$c]:-} |"
 done
+per_run_ratios() { # "A1 A2 ..." "B1 B2 ..." -> "A1/B1 A2/B2 ..." (runs with a FAIL left out)
+  paste -d' ' <(echo $1 | tr ' ' '\n') <(echo $2 | tr ' ' '\n') |
+    awk '$1 != "FAIL" && $2 != "FAIL" && $2 > 0 {printf "%.2f ", $1/$2}'
+}
 # Zero-copy against bounce, run by run (same buffers, replicas and wait mode).
 for c in "${CASES[@]}"; do
   case $c in *:none:*) ;; *) continue;; esac
   b=${c/:none:/:bounce:}
   [ -n "${M[$b]:-}" ] || continue
-  ratios=$(paste -d' ' <(echo ${M[$c]} | tr ' ' '\n') <(echo ${M[$b]} | tr ' ' '\n') |
-    awk '$1 != "FAIL" && $2 != "FAIL" && $2 > 0 {printf "%.2f ", $1/$2}')
+  ratios=$(per_run_ratios "${M[$c]}" "${M[$b]}")
   echo
   echo "zero-copy / bounce, $c: per run $ratios-> median $(echo $ratios | median)"
 done
@@ -212,8 +215,7 @@ for c in "${CASES[@]}"; do
   case $c in *:any) ;; *) continue;; esac
   b=${c%:any}:split
   [ -n "${M[$b]:-}" ] || continue
-  ratios=$(paste -d' ' <(echo ${M[$b]} | tr ' ' '\n') <(echo ${M[$c]} | tr ' ' '\n') |
-    awk '$1 != "FAIL" && $2 != "FAIL" && $2 > 0 {printf "%.2f ", $1/$2}')
+  ratios=$(per_run_ratios "${M[$b]}" "${M[$c]}")
   echo
   echo "split / any, ${c%:any}: per run $ratios-> median $(echo $ratios | median)"
 done
