@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use peerpipe::pipeline::engine::{BufferChoice, CopyMode, EngineError, WaitMode};
+use peerpipe::pipeline::engine::{
+    BufferChoice, CopyMode, EngineError, WaitMode, DEFAULT_BUSY_POLL,
+};
 
 /// The exit codes of both roles, printed by `--help` (scripts and tests rely on them).
 pub const EXIT_CODES: &str = "\
@@ -120,7 +122,7 @@ pub struct Shared {
     pub wait: WaitMode,
     /// Microseconds an events-mode loop keeps polling after it runs out of work, before it
     /// sleeps (0: sleep at once); spends up to that much CPU per idle spell to save wake-ups
-    #[arg(long, value_name = "USECS", default_value_t = 200,
+    #[arg(long, value_name = "USECS", default_value_t = DEFAULT_BUSY_POLL.as_micros() as u64,
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub busy_poll: u64,
     /// Seconds without progress before a peer is declared gone
